@@ -1,0 +1,322 @@
+"""Experiment configuration: dataclasses, stacked YAML files and dotted overrides.
+
+A config file is YAML with up to four sections (``data``, ``augment``, ``model``,
+``train``) and an optional ``base:`` naming another config file (relative to the
+file itself) whose values it overrides, so a recipe is a small file on top of
+``default.yaml``. Command-line overrides use dotted keys::
+
+    cfg = load_config("configs/default.yaml", ["train.epochs=3", "data.image_size=96"])
+
+Every leaf name is unique across sections, so a key is unambiguous in logs and errors.
+Unknown keys and bad values raise :class:`ConfigError` naming the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+BACKBONES = ("resnet50", "resnet18", "efficientnetb0", "inceptionv3")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and why."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read, cleaned and split."""
+
+    data_dir: Optional[str] = None  # None: ./data/rsna-bone-age, else kagglehub download
+    image_size: int = 224
+    resize: Literal["pad", "stretch"] = "pad"
+    split: Literal["random", "stratified"] = "random"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    max_images: Optional[int] = None  # use a seeded random subset (quick experiments)
+    strict: bool = False  # unreadable images are errors instead of skipped
+    loader: Literal["tfdata", "pydataset"] = "tfdata"
+    workers: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation; each stage is off when its value is 0/false/null."""
+
+    horizontal_flip: bool = True
+    rotation_degrees: float = 15.0
+    translation: float = 0.1  # fraction of the image size
+    scale: Optional[list[float]] = field(default_factory=lambda: [0.9, 1.1])
+    shear: float = 0.0
+    brightness: float = 0.3  # additive, fraction of the 0-255 range
+    contrast: Optional[list[float]] = field(default_factory=lambda: [0.7, 1.3])
+    blur_probability: float = 0.0
+    salt_pepper: Optional[list[float]] = None  # fraction of pixels, e.g. [0.03, 0.08]
+    random_crop: bool = False  # crop image_size from a 1/0.875 larger resize
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, pretrained weights and regression head."""
+
+    backbone: str = "resnet50"
+    weights: Optional[str] = "imagenet"  # imagenet | none | path to a weights file
+    head_units: int = 256  # 0: linear head Dense(1)
+    dropout: float = 0.3
+    use_sex: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, callbacks and where run directories go."""
+
+    epochs: int = 50
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    loss: Literal["mae", "mse", "huber"] = "mae"
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    cosine_period_epochs: Optional[int] = None  # None: one decay over all epochs
+    warmup_epochs: int = 0
+    min_learning_rate: float = 0.0
+    early_stopping_patience: Optional[int] = 7
+    tolerance_months: float = 12.0
+    steps_per_epoch: Optional[int] = None
+    mixed_precision: bool = False
+    seed: int = 42
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # None: <config name>-<timestamp>
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+
+
+def _leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    leaves: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            leaves[f.name] = (section, f)
+    return leaves
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    if origin is list:
+        return "a list of " + _describe(typing.get_args(tp)[0])
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that need more than a type: ranges and combinations."""
+    d, a, m, t = cfg.data, cfg.augment, cfg.model, cfg.train
+
+    def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}.")
+
+    check(d.image_size >= 32, "data.image_size", d.image_size, "an integer >= 32")
+    check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "0 < x < 1")
+    check(
+        0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+        "data.test_fraction",
+        d.test_fraction,
+        "0 <= x < 1 with val_fraction + test_fraction < 1",
+    )
+    check(d.max_images is None or d.max_images >= 10, "data.max_images", d.max_images,
+          "null or an integer >= 10")
+    check(d.workers >= 1, "data.workers", d.workers, "an integer >= 1")
+    check(m.backbone in BACKBONES, "model.backbone", m.backbone, "one of " + ", ".join(BACKBONES))
+    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "0 <= x < 1")
+    check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
+    check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
+    check(t.tolerance_months > 0, "train.tolerance_months", t.tolerance_months, "a number > 0")
+    for key, rng in (("augment.scale", a.scale), ("augment.contrast", a.contrast)):
+        check(rng is None or (len(rng) == 2 and 0 < rng[0] <= rng[1]), key, rng,
+              "null or [low, high] with 0 < low <= high")
+    check(a.salt_pepper is None or (len(a.salt_pepper) == 2
+          and 0 <= a.salt_pepper[0] <= a.salt_pepper[1] < 1),
+          "augment.salt_pepper", a.salt_pepper, "null or [low, high] fractions in [0, 1)")
+    check(0 <= a.blur_probability <= 1, "augment.blur_probability", a.blur_probability,
+          "a probability in [0, 1]")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, merging its ``base:`` chain (base first)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself.")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass an existing YAML file "
+                          "(see configs/ for examples).")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level.")
+    base = raw.pop("base", None)
+    merged: dict[str, Any] = {}
+    if base is not None:
+        merged = _read_yaml(path.parent / str(base), seen + (path,))
+    for section, values in raw.items():
+        if section in _SECTION_CLASSES:
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping.")
+            merged.setdefault(section, {}).update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build and validate a Config from nested dicts (as read from YAML)."""
+    cfg = Config()
+    for section, values in raw.items():
+        if section == "name":
+            cfg.name = str(values)
+            continue
+        if section not in _SECTION_CLASSES:
+            raise ConfigError(
+                f"{source}: unknown section '{section}'. Allowed: "
+                + ", ".join(_SECTION_CLASSES) + "."
+            )
+        target = getattr(cfg, section)
+        cls = _SECTION_CLASSES[section]
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key, value in (values or {}).items():
+            if key not in names:
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{key}'. Keys of '{section}': "
+                    + ", ".join(names) + "."
+                )
+            setattr(target, key, _coerce(value, _type_of(cls, key), f"{section}.{key}"))
+    if isinstance(cfg.model.weights, str) and cfg.model.weights.lower() == "none":
+        cfg.model.weights = None
+    _validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``'train.epochs=3'`` -> ``('train', 'epochs', 3)``; a bare leaf name also works."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. train.epochs=3.")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    leaves = _leaf_fields()
+    if len(parts) == 1 and parts[0] in leaves:
+        parts = [leaves[parts[0]][0], parts[0]]
+    if len(parts) != 2 or parts[0] not in _SECTION_CLASSES:
+        raise ConfigError(
+            f"override '{text}': unknown key '{key}'. Use SECTION.KEY with a section of "
+            + ", ".join(_SECTION_CLASSES) + " (e.g. model.backbone=resnet18)."
+        )
+    return parts[0], parts[1], yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with its ``base`` chain) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        source = str(path)
+        raw.setdefault("name", Path(path).stem)
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

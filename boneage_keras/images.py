@@ -1,0 +1,103 @@
+"""Decode radiographs to one gray uint8 channel at a fixed square size.
+
+This is the model-independent part of preprocessing, shared by every loader and by
+``predict``; normalisation for the backbone lives inside the model (see model.py).
+
+    >>> arr = load_image("1437.png", size=224, resize="pad")   # (224, 224, 1) uint8
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+CROP_FRACTION = 0.875
+
+
+class ImageError(ValueError):
+    """An image cannot be decoded; the message names the file."""
+
+
+def to_gray_uint8(image: Image.Image) -> np.ndarray:
+    """Any PIL image (8/16-bit, gray, RGB(A), palette) -> 2-D uint8 array.
+
+    16-bit and 32-bit images are stretched from their own min..max to 0..255, since
+    their stored range (10, 12 or 16 bits) varies between scanners.
+    """
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        low, high = float(arr.min()), float(arr.max())
+        if high <= low:
+            return np.zeros(arr.shape, dtype=np.uint8)
+        return np.round((arr - low) * (255.0 / (high - low))).astype(np.uint8)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def pad_to_square(arr: np.ndarray) -> np.ndarray:
+    """Centre a 2-D image on a black square canvas (radiograph background is black)."""
+    h, w = arr.shape
+    side = max(h, w)
+    out = np.zeros((side, side), dtype=arr.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = arr
+    return out
+
+
+def resize_gray(arr: np.ndarray, size: int, resize: str = "pad") -> np.ndarray:
+    """2-D uint8 -> (size, size) uint8, padding to square first unless ``stretch``."""
+    if resize == "pad":
+        arr = pad_to_square(arr)
+    elif resize != "stretch":
+        raise ValueError(f"resize must be 'pad' or 'stretch', got {resize!r}")
+    if arr.shape == (size, size):
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Decode an image file to a 2-D uint8 array, or raise ImageError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_gray_uint8(image)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise ImageError(f"cannot decode image {path}: {err}") from None
+
+
+def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """The central (size, size) window of a 2-D array."""
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def decode_size(size: int, crop: bool) -> int:
+    """Side length images are resized to before a (random or central) crop to ``size``."""
+    return int(round(size / CROP_FRACTION)) if crop else size
+
+
+def preprocess_array(gray: np.ndarray, size: int, resize: str = "pad",
+                     crop: bool = False, center: bool = True) -> np.ndarray:
+    """2-D uint8 -> (S, S, 1) uint8: pad/stretch, resize, and with ``crop`` resize to
+    ``size / 0.875`` then cut the centre ``size`` window (``center=False`` leaves the
+    larger image for a random crop during training)."""
+    arr = resize_gray(gray, decode_size(size, crop), resize)
+    if crop and center:
+        arr = center_crop(arr, size)
+    return arr[..., None]
+
+
+def load_image(path: str | Path, size: int, resize: str = "pad", crop: bool = False,
+               center: bool = True) -> np.ndarray:
+    """Decode a file, make it gray, pad/stretch and resize: (size, size, 1) uint8."""
+    return preprocess_array(read_gray(path), size, resize, crop, center)

@@ -1,0 +1,89 @@
+"""Bone-age metrics: a Keras ``ToleranceAccuracy`` metric and numpy reports.
+
+    >>> model.compile(..., metrics=[ToleranceAccuracy(tolerance_months=12)])
+    >>> regression_report(y_true, y_pred)["mae"]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from .data import AGE_GROUPS, age_group_label, assign_age_group
+
+
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class ToleranceAccuracy(keras.metrics.Metric):
+    """Fraction of predictions within ``tolerance_months`` of the truth (|error| <= tol)."""
+
+    def __init__(self, tolerance_months: float = 12.0, name: str = "tolerance_accuracy",
+                 dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.tolerance_months = float(tolerance_months)
+        self.hits = self.add_variable(shape=(), initializer="zeros", name="hits")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
+        y_pred = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
+        hit = ops.cast(ops.abs(y_pred - y_true) <= self.tolerance_months, "float32")
+        if sample_weight is not None:
+            weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+            hit, total = hit * weight, ops.sum(weight)
+        else:
+            total = ops.cast(ops.shape(hit)[0], "float32")
+        self.hits.assign_add(ops.sum(hit))
+        self.count.assign_add(total)
+
+    def result(self):
+        return ops.divide_no_nan(self.hits, self.count)
+
+    def reset_state(self):
+        self.hits.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype,
+                "tolerance_months": self.tolerance_months}
+
+
+def tolerance_accuracy(y_true: np.ndarray, y_pred: np.ndarray, tolerance: float) -> float:
+    return float(np.mean(np.abs(np.asarray(y_pred) - np.asarray(y_true)) <= tolerance))
+
+
+def regression_report(y_true: np.ndarray, y_pred: np.ndarray,
+                      tolerance_months: float = 12.0) -> dict[str, Any]:
+    """MAE, RMSE, R2, bias (mean predicted - true) and tolerance accuracy, in months."""
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1)
+    error = y_pred - y_true
+    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2)) if len(y_true) else 0.0
+    return {
+        "n": int(len(y_true)),
+        "mae": float(np.mean(np.abs(error))),
+        "rmse": float(np.sqrt(np.mean(error ** 2))),
+        "r2": float(1 - np.sum(error ** 2) / ss_tot) if ss_tot > 0 else float("nan"),
+        "bias": float(np.mean(error)),
+        "tolerance_accuracy": tolerance_accuracy(y_true, y_pred, tolerance_months),
+        "tolerance_months": float(tolerance_months),
+    }
+
+
+def report_by_age_group(y_true: np.ndarray, y_pred: np.ndarray,
+                        tolerance_months: float = 12.0) -> dict[str, dict[str, Any]]:
+    """``regression_report`` for each study age group (0-60, 61-120, 121-180, 181-240)."""
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.float64).reshape(-1)
+    groups = assign_age_group(y_true)
+    out = {}
+    for low, high in AGE_GROUPS:
+        label = age_group_label(low, high)
+        mask = groups == label
+        if mask.any():
+            out[label] = regression_report(y_true[mask], y_pred[mask], tolerance_months)
+        else:
+            out[label] = {"n": 0}
+    return out

@@ -1,0 +1,227 @@
+"""The bone-age regressor: gray image (and optionally sex) in, months out.
+
+    image (S, S, 1) uint8-valued float 0-255
+      -> GrayPreprocess   repeat to 3 channels + the backbone's ImageNet normalisation
+      -> backbone         ResNet50 (default), ResNet18 (ours), EfficientNetB0, InceptionV3
+      -> global average pooling
+      [-> concat with Dense(16, relu)(male)]            when model.use_sex
+      -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
+      -> Dense(1) -> LabelScale (x * std + mean)        float32 months
+
+Grayscale and ImageNet weights: the gray channel is repeated three times, so the
+pretrained first convolution sees exactly what it was trained on (a gray photo) and
+the backbone's own ImageNet preprocessing applies unchanged. Preprocessing lives in the
+model, so every saved model carries it; ``GrayPreprocess`` also records how images
+were resized (``image_size``, ``resize``, ``crop``) for ``predict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import keras
+from keras import layers, ops
+
+from .config import Config
+
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+
+# backbone name -> (keras.applications constructor name or None, normalisation mode)
+BACKBONE_SPECS = {
+    "resnet50": ("ResNet50", "caffe"),
+    "efficientnetb0": ("EfficientNetB0", "raw"),
+    "inceptionv3": ("InceptionV3", "tf"),
+    "resnet18": (None, "torch"),
+}
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights cannot be loaded; the message says what to use instead."""
+
+
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class GrayPreprocess(layers.Layer):
+    """Gray 0-255 -> three channels normalised as the backbone expects.
+
+    ``mode``: ``caffe`` (mean subtraction, ResNet50), ``tf`` (scale to -1..1),
+    ``torch`` (0..1 then ImageNet mean/std), ``raw`` (unchanged; the backbone
+    normalises itself). The other arguments only record how images were prepared.
+    """
+
+    def __init__(self, mode: str = "caffe", image_size: int = 224, resize: str = "pad",
+                 crop: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "tf", "torch", "raw"):
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode, self.image_size, self.resize, self.crop = mode, image_size, resize, crop
+
+    def call(self, images):
+        x = ops.cast(images, self.compute_dtype)
+        x = ops.concatenate([x, x, x], axis=-1)
+        if self.mode == "caffe":
+            return x - ops.convert_to_tensor(IMAGENET_MEAN_BGR, dtype=self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(IMAGENET_MEAN_RGB, dtype=self.compute_dtype)
+            std = ops.convert_to_tensor(IMAGENET_STD_RGB, dtype=self.compute_dtype)
+            return (x / 255.0 - mean) / std
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (3,)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "mode": self.mode, "image_size": self.image_size,
+                "resize": self.resize, "crop": self.crop}
+
+
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class LabelScale(layers.Layer):
+    """``x * std + mean``: the head predicts a standardised age, the model returns months.
+
+    Starting at the training mean makes early epochs useful and keeps the MAE loss's
+    gradients well scaled.
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mean, self.std = float(mean), float(std)
+
+    def call(self, x):
+        return ops.cast(x, "float32") * self.std + self.mean
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                      name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
+
+
+def resnet18(input_shape: tuple[int, int, int]) -> keras.Model:
+    """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, avg-pooled.
+
+    Keras ships no ResNet18; this compact definition matches torchvision's layout
+    (including its batch-norm momentum, 0.1 there = 0.9 in Keras).
+    """
+    inputs = keras.Input(input_shape)
+    x = _conv_bn(inputs, 64, 7, 2, "stem")
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    for stage, filters in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            stride = 2 if stage > 1 and block == 0 else 1
+            name = f"stage{stage}_block{block}"
+            shortcut = x
+            if stride != 1 or x.shape[-1] != filters:
+                shortcut = _conv_bn(x, filters, 1, stride, f"{name}_down", relu=False)
+            y = _conv_bn(x, filters, 3, stride, f"{name}_a")
+            y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
+            x = layers.Activation("relu", name=f"{name}_out")(layers.Add()([shortcut, y]))
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.Model(inputs, x, name="resnet18")
+
+
+def build_backbone(name: str, image_size: int, weights: Optional[str]) -> keras.Model:
+    """A headless, average-pooled backbone with ImageNet, no, or file weights."""
+    if name not in BACKBONE_SPECS:
+        raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
+                         + ", ".join(BACKBONE_SPECS) + ".")
+    constructor, _ = BACKBONE_SPECS[name]
+    shape = (image_size, image_size, 3)
+    if constructor is None:
+        if weights == "imagenet":
+            raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
+                               "model.weights=none or a path to a weights file you saved.")
+        backbone = resnet18(shape)
+        if weights is not None:
+            _load_weights_file(backbone, weights)
+        return backbone
+    builder = getattr(keras.applications, constructor)
+    if weights not in (None, "imagenet"):
+        backbone = builder(include_top=False, weights=None, input_shape=shape, pooling="avg")
+        _load_weights_file(backbone, weights)
+        return backbone
+    try:
+        return builder(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+    except Exception as err:
+        if weights != "imagenet":
+            raise
+        raise WeightsError(
+            f"could not load ImageNet weights for {name} ({type(err).__name__}: {err}). "
+            "Downloading them needs internet access; offline, set model.weights=none to "
+            "train from scratch, or model.weights=PATH to a weights file (e.g. the Keras "
+            f"'{constructor.lower()}_..._notop.h5' file copied from a connected machine, "
+            "or ~/.keras/models/ filled there)."
+        ) from None
+
+
+def _load_weights_file(backbone: keras.Model, path: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).expanduser().is_file():
+        raise WeightsError(f"model.weights: file not found: {path}. Use imagenet, none, or "
+                           "the path to a weights file (.weights.h5 or .h5).")
+    try:
+        backbone.load_weights(str(Path(path).expanduser()))
+    except Exception as err:
+        raise WeightsError(f"model.weights: {path} does not fit the {backbone.name} "
+                           f"backbone ({type(err).__name__}: {err}).") from None
+
+
+def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0) -> keras.Model:
+    """Build (not compile) the regressor described by ``cfg``.
+
+    ``label_mean``/``label_std`` are the training split's bone-age statistics.
+    """
+    m, d = cfg.model, cfg.data
+    size = d.image_size
+    _, mode = BACKBONE_SPECS.get(m.backbone, (None, "caffe"))
+    image = keras.Input((size, size, 1), name="image")
+    x = GrayPreprocess(mode, size, d.resize, cfg.augment.random_crop, name="preprocess")(image)
+    x = build_backbone(m.backbone, size, m.weights)(x)
+    inputs: Any = image
+    if m.use_sex:
+        male = keras.Input((1,), name="male")
+        sex = layers.Dense(16, activation="relu", name="sex_dense")(male)
+        x = layers.Concatenate(name="features")([x, ops.cast(sex, x.dtype)])
+        inputs = {"image": image, "male": male}
+    if m.head_units:
+        x = layers.Dense(m.head_units, activation="relu", name="head_dense")(x)
+        if m.dropout:
+            x = layers.Dropout(m.dropout, name="head_dropout")(x)
+    # Zero-initialised: an untrained model predicts the training mean.
+    x = layers.Dense(1, kernel_initializer="zeros", dtype="float32", name="head_out")(x)
+    months = LabelScale(label_mean, label_std, dtype="float32", name="boneage")(x)
+    return keras.Model(inputs, months, name=f"boneage_{m.backbone}")
+
+
+def preprocessing_of(model: keras.Model) -> dict[str, Any]:
+    """How a saved bone-age model expects its images: size, resize, crop, sex input.
+
+    Raises ValueError if ``model`` was not built by :func:`build_model`.
+    """
+    try:
+        layer = model.get_layer("preprocess")
+    except ValueError:
+        layer = None
+    if not isinstance(layer, GrayPreprocess):
+        raise ValueError(f"model '{model.name}' is not a boneage-keras model (it has no "
+                         "'preprocess' layer); use a .keras file written by `cli.py train`.")
+    return {"image_size": layer.image_size, "resize": layer.resize, "crop": layer.crop,
+            "use_sex": any(t.name == "male" for t in model.inputs)}
+
+
+def load_model(path: str) -> keras.Model:
+    """Load a ``.keras`` file written by this package (custom layers and metric known)."""
+    from . import metrics  # noqa: F401  registers ToleranceAccuracy
+
+    return keras.saving.load_model(path)

@@ -1,0 +1,60 @@
+"""Shared fixtures. The real RSNA sample is found through BONEAGE_SAMPLE_DIR
+(default ../shared/data/rsna-sample beside the checkout); tests fail, never skip,
+when it is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = Path(os.environ.get("BONEAGE_SAMPLE_DIR", REPO.parent / "shared" / "data"
+                                 / "rsna-sample")).resolve()
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The real RSNA sample: images/ + labels.csv (60 full-size) and bulk-100px/."""
+    if not (SAMPLE_DIR / "labels.csv").is_file() or not (SAMPLE_DIR / "bulk-100px").is_dir():
+        pytest.fail(f"real sample data not found at {SAMPLE_DIR}; set BONEAGE_SAMPLE_DIR")
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def bulk_dir(sample_dir: Path) -> Path:
+    return sample_dir / "bulk-100px"
+
+
+def write_flat_dataset(root: Path, rows: list[tuple[str, object, object]],
+                       size: tuple[int, int] = (40, 30)) -> Path:
+    """A flat-layout data set of small synthetic gray PNGs (one per row id)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = ["id,boneage,male"]
+    for image_id, age, male in rows:
+        lines.append(f"{image_id},{age},{male}")
+        pixels = rng.integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{image_id}.png")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run_cli(args: list[str], backend: str = "torch", timeout: int = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python cli.py ARGS`` in a fresh process on the given Keras backend."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

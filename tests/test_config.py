@@ -1,0 +1,81 @@
+import dataclasses
+
+import pytest
+
+from boneage_keras.config import (ConfigError, Config, load_config, save_config,
+                                  _SECTION_CLASSES)
+
+CONFIGS = "configs"
+
+
+def test_default_reproduces_resnet50_study():
+    cfg = load_config(f"{CONFIGS}/default.yaml")
+    assert cfg.model.backbone == "resnet50" and cfg.model.weights == "imagenet"
+    assert cfg.data.image_size == 224 and cfg.train.batch_size == 64
+    assert cfg.train.epochs == 50 and cfg.train.learning_rate == pytest.approx(5e-4)
+    assert cfg.train.loss == "mae" and cfg.train.cosine_period_epochs == 10
+    assert cfg.train.early_stopping_patience == 7 and cfg.data.val_fraction == 0.1
+    assert (cfg.model.head_units, cfg.model.dropout) == (256, 0.3)
+    assert cfg.augment.scale == [0.9, 1.1] and cfg.augment.rotation_degrees == 15
+
+
+def test_resnet18_recipes_stack_on_default():
+    base = load_config(f"{CONFIGS}/resnet18-baseline.yaml")
+    assert base.model.backbone == "resnet18" and base.model.head_units == 0
+    assert base.train.loss == "mse" and base.train.batch_size == 8
+    assert base.train.weight_decay == pytest.approx(1e-4)
+    assert (base.data.split, base.data.test_fraction) == ("stratified", 0.1)
+    assert base.augment.rotation_degrees == 0 and base.augment.brightness == 0
+    improved = load_config(f"{CONFIGS}/resnet18-improved.yaml")
+    assert improved.model.head_units == 256 and improved.augment.salt_pepper == [0.03, 0.08]
+    assert improved.augment.random_crop and improved.augment.blur_probability == 0.2
+    assert improved.train.loss == "mse"  # inherited from the baseline
+
+
+def test_dotted_and_bare_overrides():
+    cfg = load_config(f"{CONFIGS}/default.yaml",
+                      ["train.epochs=3", "model.backbone=resnet18", "image_size=96",
+                       "model.weights=none", "augment.scale=[0.8, 1.2]"])
+    assert cfg.train.epochs == 3 and cfg.model.backbone == "resnet18"
+    assert cfg.data.image_size == 96 and cfg.model.weights is None
+    assert cfg.augment.scale == [0.8, 1.2]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epoch=3", ["train.epoch", "epochs"]),
+    ("nosection.x=1", ["nosection.x", "model"]),
+    ("model.backbone=vgg", ["model.backbone", "resnet50"]),
+    ("data.loader=fast", ["data.loader", "tfdata", "pydataset"]),
+    ("train.batch_size=abc", ["train.batch_size", "integer"]),
+    ("train.epochs=0", ["train.epochs", ">= 1"]),
+    ("data.val_fraction=1.5", ["data.val_fraction"]),
+])
+def test_bad_override_names_key_and_allowed(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(f"{CONFIGS}/default.yaml", [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.epochz'"):
+        load_config(path)
+
+
+def test_interface_leaf_names_are_unique():
+    names = [f.name for cls in _SECTION_CLASSES.values() for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names))
+    for key in ("epochs", "batch_size", "image_size", "weights", "loader", "seed",
+                "output_dir"):
+        assert names.count(key) == 1
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(f"{CONFIGS}/resnet18-improved.yaml", ["train.epochs=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    again.name = cfg.name
+    assert again == cfg
+    assert isinstance(Config().to_dict()["train"], dict)

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from boneage_keras import data
+from boneage_keras.data import DataError, clean_table, find_layout, load_dataset, split_table
+
+from conftest import write_flat_dataset
+
+
+def test_kaggle_layouts_and_flat(tmp_path):
+    flat = write_flat_dataset(tmp_path / "flat", [("1", 10, True)])
+    assert find_layout(flat).image_dir == flat / "images"
+    for nested in (False, True):
+        root = tmp_path / f"kaggle{nested}"
+        folder = root / "boneage-training-dataset"
+        if nested:
+            folder = folder / "boneage-training-dataset"
+        folder.mkdir(parents=True)
+        (root / "boneage-training-dataset.csv").write_text("id,boneage,male\n")
+        assert find_layout(root).image_dir == folder
+    with pytest.raises(DataError, match="labels.csv"):
+        find_layout(tmp_path / "flat" / "images")
+
+
+def test_cleaning_reports_every_reason(tmp_path):
+    root = write_flat_dataset(tmp_path, [("1", 100, True), ("2", -5, False), ("3", "x", True),
+                                         ("4", 50, "maybe"), ("5", 60, False),
+                                         ("6", 70, "F"), ("7", 80, "M")])
+    with open(root / "labels.csv", "a") as f:
+        f.write("5,61,False\n8,90,True\n")          # duplicate id 5; id 8 has no image
+    (root / "images" / "7.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # corrupt
+    table, report = clean_table(data.read_labels(root / "labels.csv"), root / "images")
+    assert report.rows_read == 9
+    assert report.bad_label == ["2", "3"] and report.bad_sex == ["4"]
+    assert report.duplicate_id == ["5"] and report.missing_image == ["8"]
+    assert report.unreadable_image == ["7"]
+    assert table["id"].tolist() == ["1", "5", "6"] and report.rows_kept == 3
+    assert table["male"].tolist() == [True, False, False]
+    assert "1 dropped for unreadable image (7)" in report.summary()
+    with pytest.raises(DataError, match="strict mode and 6 row"):
+        clean_table(data.read_labels(root / "labels.csv"), root / "images", strict=True)
+
+
+def test_missing_columns_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels.csv").write_text("id,age\n1,3\n")
+    with pytest.raises(DataError, match="missing column.*boneage, male"):
+        load_dataset(tmp_path)
+
+
+def test_no_data_dir_offline_says_how_to_get_data(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BONEAGE_DATA_DIR", raising=False)
+    import kagglehub
+
+    def offline(handle):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(kagglehub, "dataset_download", offline)
+    with pytest.raises(DataError) as err:
+        data.resolve_data_dir(None)
+    assert "kmader/rsna-bone-age" in str(err.value) and "--data-dir" in str(err.value)
+
+
+def test_real_sample_loads(sample_dir):
+    table, report, _ = load_dataset(sample_dir)
+    assert report.rows_kept == 60 and len(table) == 60
+    assert table["boneage"].between(1, 240).all()
+    assert all(Path(p).is_file() for p in table["path"])
+
+
+def test_splits_are_deterministic_and_stratified(bulk_dir):
+    labels = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})
+    a = split_table(labels, "stratified", 0.1, 0.1, seed=3)
+    b = split_table(labels, "stratified", 0.1, 0.1, seed=3)
+    c = split_table(labels, "stratified", 0.1, 0.1, seed=4)
+    assert a["split"].tolist() == b["split"].tolist() != c["split"].tolist()
+    counts = a["split"].value_counts()
+    assert abs(counts["val"] - 1211) <= 1 and abs(counts["test"] - 1211) <= 1
+    # stratified: each split's age deciles match the whole set's closely
+    for name in ("train", "val", "test"):
+        ages = a.loc[a["split"] == name, "boneage"]
+        assert abs(ages.median() - labels["boneage"].median()) <= 3
+    r = split_table(labels, "random", 0.1, seed=3)
+    assert set(r["split"]) == {"train", "val"} and abs((r["split"] == "val").sum() - 1211) <= 1
+
+
+def test_age_groups():
+    groups = data.assign_age_group(np.array([0, 60, 60.5, 61, 120, 121, 180, 181, 240, 250]))
+    assert groups.tolist() == ["0-60", "0-60", "61-120", "61-120", "61-120", "121-180",
+                               "121-180", "181-240", "181-240", "181-240"]

@@ -63,5 +63,113 @@ def train(config_path: str, data_dir: str | None, overrides: tuple[str, ...],
     click.echo("best validation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.best.items()))
 
 
+def _print_metrics(metrics: dict) -> None:
+    tol = metrics["tolerance_months"]
+    click.echo(f"n={metrics['n']}  MAE={metrics['mae']:.2f}  RMSE={metrics['rmse']:.2f}  "
+               f"R2={metrics['r2']:.3f}  bias={metrics['bias']:+.2f}  "
+               f"acc(+-{tol:g})={metrics['tolerance_accuracy']:.3f}")
+    click.echo("accuracy at " + ", ".join(f"+-{k}: {v:.3f}"
+                                          for k, v in metrics["accuracy_at"].items()))
+    click.echo(f"{'group':<10}{'n':>6}{'MAE':>9}{'bias':>9}{'acc':>8}")
+    for section in ("by_age_group", "by_sex"):
+        for name, g in metrics[section].items():
+            if g.get("n"):
+                click.echo(f"{name:<10}{g['n']:>6}{g['mae']:>9.2f}{g['bias']:>+9.2f}"
+                           f"{g['tolerance_accuracy']:>8.3f}")
+            else:
+                click.echo(f"{name:<10}{0:>6}")
+
+
+@cli.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--model", "model_path", type=click.Path(), default=None,
+              help="A .keras model file (instead of RUN_DIR).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Labelled data (required with --model; default for RUN_DIR: its own).")
+@click.option("--split", type=click.Choice(["auto", "val", "test", "all"]), default=None,
+              help="Which images: RUN_DIR default auto (test if the run has one, else "
+                   "val); --model default all.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: RUN_DIR, or ./evaluation with --model).")
+@click.option("--tolerance", type=float, default=None,
+              help="Tolerance in months (default: the run's, else 12).")
+def evaluate(run_dir, model_path, data_dir, split, out_dir, tolerance) -> None:
+    """Metrics, predictions.csv, figures and report.html for a run or a model file."""
+    _setup_logging(False)
+    from boneage_keras.evaluate import evaluate_model, evaluate_run
+
+    if (run_dir is None) == (model_path is None):
+        raise click.UsageError("give either RUN_DIR or --model FILE --data-dir DIR.")
+    if run_dir is not None:
+        result = evaluate_run(run_dir, split or "auto", data_dir, out_dir, tolerance)
+    else:
+        if data_dir is None:
+            raise click.UsageError("--model needs --data-dir with labelled images.")
+        result = evaluate_model(model_path, data_dir, split or "all", out_dir or "evaluation",
+                                tolerance or 12.0)
+    _print_metrics(result.metrics)
+    click.echo(f"wrote {result.out_dir}/metrics.json, predictions.csv, figures, report.html")
+
+
+@cli.command()
+@click.option("--model", "model_path", required=True, type=click.Path(),
+              help="A .keras model file or a run directory.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the predictions to this CSV (default: print them).")
+@click.option("--sex", type=click.Choice(["M", "F"], case_sensitive=False), default=None,
+              help="Sex for single images/folders, for models that use it.")
+@click.argument("inputs", nargs=-1, required=True)
+def predict(model_path, output, sex, inputs) -> None:
+    """Bone age for images, folders of images, or a Kaggle test CSV."""
+    _setup_logging(False)
+    from boneage_keras.evaluate import predict_inputs
+
+    # The progress bar prints to stdout, so it is shown only when the CSV goes to a file.
+    result = predict_inputs(model_path, inputs, sex, output, progress=output is not None)
+    if output is None:
+        click.echo(result.to_csv(index=False, float_format="%.2f"), nl=False)
+    else:
+        click.echo(f"wrote {len(result)} predictions to {output}")
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--resamples", type=int, default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result as JSON.")
+def compare(a, b, resamples, seed, out_json) -> None:
+    """Is B better than A? Paired bootstrap CI of MAE(B) - MAE(A) on shared ids.
+
+    A and B are run directories (evaluated) or predictions.csv files.
+    """
+    import json
+
+    from boneage_keras.evaluate import compare_predictions
+
+    result = compare_predictions(a, b, resamples, seed)
+    o = result["overall"]
+    pct = int(round(o["confidence"] * 100))
+    click.echo(f"A: {result['a']}\nB: {result['b']}")
+    click.echo(f"n={o['n']}  MAE A={o['mae_a']:.2f}  MAE B={o['mae_b']:.2f}  "
+               f"B-A={o['difference']:+.2f}  {pct}% CI [{o['ci_low']:+.2f}, "
+               f"{o['ci_high']:+.2f}]  ({o['n_resamples']} resamples, seed {o['seed']})")
+    for name, g in result["by_age_group"].items():
+        if "difference" in g:
+            click.echo(f"  {name:<8} n={g['n']:<5} B-A={g['difference']:+.2f}  CI "
+                       f"[{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]")
+        else:
+            click.echo(f"  {name:<8} n={g['n']:<5} too few to compare")
+    for side in ("a", "b"):
+        ids = result[f"only_in_{side}"]
+        if ids:
+            click.echo(f"{len(ids)} id(s) only in {side.upper()}, left out: "
+                       + ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 if __name__ == "__main__":
     cli()

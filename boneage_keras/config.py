@@ -91,6 +91,7 @@ class TrainConfig:
     tolerance_months: float = 12.0
     steps_per_epoch: Optional[int] = None
     mixed_precision: bool = False
+    jit_compile: Optional[bool] = None  # None: XLA/compiled steps only when a GPU is present
     seed: int = 42
     output_dir: str = "runs"
     run_name: Optional[str] = None  # None: <config name>-<timestamp>

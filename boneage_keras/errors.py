@@ -6,8 +6,9 @@ from .images import ImageError
 
 
 def user_errors() -> tuple[type[Exception], ...]:
+    from .evaluate import ModelFileError
     from .model import WeightsError
     from .train import RunDirError, TrainingInterrupted
 
     return (ConfigError, DataError, ImageError, WeightsError, RunDirError,
-            TrainingInterrupted)
+            TrainingInterrupted, ModelFileError)

@@ -87,3 +87,52 @@ def report_by_age_group(y_true: np.ndarray, y_pred: np.ndarray,
         else:
             out[label] = {"n": 0}
     return out
+
+
+def accuracy_at(y_true: np.ndarray, y_pred: np.ndarray,
+                tolerances: tuple[float, ...] = (6, 12, 24)) -> dict[str, float]:
+    """Tolerance accuracy at several tolerances, keyed by months as text."""
+    return {f"{t:g}": tolerance_accuracy(y_true, y_pred, t) for t in tolerances}
+
+
+def full_report(y_true: np.ndarray, y_pred: np.ndarray, male: np.ndarray,
+                tolerance_months: float = 12.0) -> dict[str, Any]:
+    """Everything ``evaluate`` writes to metrics.json: overall, by age group, by sex."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    male = np.asarray(male, dtype=bool)
+    overall = regression_report(y_true, y_pred, tolerance_months)
+    order = ("mae", "rmse", "r2", "bias", "tolerance_accuracy", "tolerance_months", "n")
+    report: dict[str, Any] = {key: overall[key] for key in order}
+    report["accuracy_at"] = accuracy_at(y_true, y_pred)
+    report["by_age_group"] = report_by_age_group(y_true, y_pred, tolerance_months)
+    report["by_sex"] = {
+        name: (regression_report(y_true[mask], y_pred[mask], tolerance_months)
+               if mask.any() else {"n": 0})
+        for name, mask in (("male", male), ("female", ~male))
+    }
+    return report
+
+
+def paired_bootstrap_mae(abs_error_a: np.ndarray, abs_error_b: np.ndarray,
+                         n_resamples: int = 1000, seed: int = 0,
+                         confidence: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap of MAE(B) - MAE(A) over the same cases.
+
+    Returns the point estimate, the percentile confidence interval and the fraction
+    of resamples in which B is worse than A. Negative differences mean B is better.
+    """
+    a = np.asarray(abs_error_a, dtype=np.float64)
+    b = np.asarray(abs_error_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError("paired bootstrap needs two equally long, non-empty error arrays")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(n_resamples, len(a)))
+    diffs = b[idx].mean(axis=1) - a[idx].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return {"n": int(len(a)), "mae_a": float(a.mean()), "mae_b": float(b.mean()),
+            "difference": float(b.mean() - a.mean()), "ci_low": float(low),
+            "ci_high": float(high), "confidence": confidence,
+            "n_resamples": int(n_resamples), "seed": int(seed),
+            "fraction_b_worse": float(np.mean(diffs > 0))}

@@ -28,6 +28,106 @@ def plot_curves(history_csv: str | Path, out_png: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Training curves")
+    return _save(fig, out_png)
+
+
+def plot_scatter(y_true, y_pred, out_png, title: str = "Predicted vs true bone age") -> Path:
+    """Predicted vs true with the identity line and the ±12-month band."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    high = float(max(np.max(y_true), np.max(y_pred), 1)) * 1.05
+    ax.fill_between([0, high], [-12, high - 12], [12, high + 12], color="tab:green",
+                    alpha=0.12, label="±12 months")
+    ax.plot([0, high], [0, high], color="black", lw=1, label="identity")
+    ax.scatter(y_true, y_pred, s=12, alpha=0.6)
+    ax.set_xlim(0, high)
+    ax.set_ylim(0, high)
+    ax.set_xlabel("true bone age (months)")
+    ax.set_ylabel("predicted bone age (months)")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_png)
+
+
+def plot_age_groups(by_group: dict, out_png, tolerance_months: float = 12.0) -> Path:
+    """Tolerance accuracy per age group, bars labelled with n and MAE."""
+    labels = list(by_group)
+    accuracy = [by_group[g].get("tolerance_accuracy", 0.0) for g in labels]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar(labels, accuracy, color="tab:blue")
+    for bar, g in zip(bars, labels):
+        info = by_group[g]
+        text = f"n={info['n']}" + (f"\nMAE {info['mae']:.1f}" if info["n"] else "")
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_xlabel("true bone age group (months)")
+    ax.set_ylabel(f"accuracy within ±{tolerance_months:g} months")
+    ax.set_title("Tolerance accuracy by age group")
+    return _save(fig, out_png)
+
+
+def plot_error_histogram(errors, out_png) -> Path:
+    """Distribution of signed errors (predicted - true)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(errors, bins=min(40, max(5, len(errors) // 5)), color="tab:purple", alpha=0.8)
+    ax.axvline(0, color="black", lw=1)
+    ax.axvline(float(np.mean(errors)), color="tab:red", ls="--",
+               label=f"mean {np.mean(errors):+.1f}")
+    ax.set_xlabel("error: predicted - true (months)")
+    ax.set_ylabel("images")
+    ax.set_title("Error distribution")
+    ax.legend()
+    return _save(fig, out_png)
+
+
+def plot_bland_altman(y_true, y_pred, out_png) -> Path:
+    """Difference vs mean of prediction and truth, with bias and 95% limits of agreement."""
+    import numpy as np
+
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    mean, diff = (y_true + y_pred) / 2, y_pred - y_true
+    bias, spread = diff.mean(), 1.96 * diff.std(ddof=1) if len(diff) > 1 else 0.0
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter(mean, diff, s=12, alpha=0.6)
+    ax.axhline(bias, color="tab:red", label=f"bias {bias:+.1f}")
+    for limit in (bias - spread, bias + spread):
+        ax.axhline(limit, color="tab:red", ls="--")
+    ax.plot([], [], color="tab:red", ls="--",
+            label=f"95% limits {bias - spread:+.1f} / {bias + spread:+.1f}")
+    ax.set_xlabel("mean of predicted and true (months)")
+    ax.set_ylabel("predicted - true (months)")
+    ax.set_title("Bland-Altman")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out_png)
+
+
+def plot_examples(images, captions, n_columns: int, out_png,
+                  title: str = "Best (top) and worst (bottom) predictions",
+                  row_labels=("best", "worst")) -> Path:
+    """A grid of gray images in rows of ``n_columns``, each with its caption."""
+    n_rows = max(1, (len(images) + n_columns - 1) // n_columns)
+    fig, axes = plt.subplots(n_rows, n_columns, figsize=(2.2 * n_columns, 2.6 * n_rows),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        ax = axes[k // n_columns][k % n_columns]
+        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=8)
+    for r, label in enumerate(row_labels[:n_rows]):
+        axes[r][0].text(-0.1, 0.5, label, transform=axes[r][0].transAxes, rotation=90,
+                        va="center", ha="right", fontsize=10)
+    fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def _save(fig, out_png) -> Path:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,39 @@ class RunDirError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """Training stopped early by the user; the run can be resumed."""
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Turn Ctrl-C / SIGTERM into a clean stop at the next batch end.
+
+    The interrupted epoch is not recorded; the backup holds the last finished one.
+    A second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: stopping after this batch (again to stop now)")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 @dataclass
@@ -75,7 +110,30 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(t.learning_rate, weight_decay=decay)
 
 
+def gpu_available() -> bool:
+    """Whether the active Keras backend sees a GPU."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    return False
+
+
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
+    """Compile with the configured optimizer, loss, MAE/RMSE/tolerance-accuracy metrics.
+
+    ``train.jit_compile`` null compiles steps (XLA on TF) only on a GPU: on a CPU the
+    XLA compile of a ResNet costs more than it saves (measured: first step 38 s vs
+    27 s, later steps 1.7 s vs 1.2 s, ResNet50 at 64 px, batch 16).
+    """
+    jit = cfg.train.jit_compile
+    if jit is None:
+        jit = "auto" if gpu_available() else False
     loss = {"mae": "mean_absolute_error", "mse": "mean_squared_error",
             "huber": keras.losses.Huber(delta=12.0)}[cfg.train.loss]
     model.compile(
@@ -84,24 +142,26 @@ def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
         metrics=[keras.metrics.MeanAbsoluteError(name="mae"),
                  keras.metrics.RootMeanSquaredError(name="rmse"),
                  ToleranceAccuracy(cfg.train.tolerance_months)],
+        jit_compile=jit,
     )
     return model
 
 
 def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
     t = cfg.train
-    callbacks: list[keras.callbacks.Callback] = [
+    callbacks: list[keras.callbacks.Callback] = []
+    if t.lr_schedule == "cosine":  # first, so the logged rows carry the learning rate
+        callbacks.append(keras.callbacks.LearningRateScheduler(
+            lambda epoch: cosine_learning_rate(epoch, t.learning_rate, t.epochs,
+                                               t.cosine_period_epochs, t.warmup_epochs,
+                                               t.min_learning_rate)))
+    callbacks += [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=MONITOR,
                                         mode="max", save_best_only=True),
         keras.callbacks.ModelCheckpoint(str(run_dir / "last.keras")),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
     ]
-    if t.lr_schedule == "cosine":
-        callbacks.append(keras.callbacks.LearningRateScheduler(
-            lambda epoch: cosine_learning_rate(epoch, t.learning_rate, t.epochs,
-                                               t.cosine_period_epochs, t.warmup_epochs,
-                                               t.min_learning_rate)))
     if t.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=MONITOR, mode="max", patience=t.early_stopping_patience,
@@ -185,15 +245,19 @@ def _train(cfg: Config, run_dir: Path, verbose: Any) -> TrainResult:
     train_data = make_loader(train_df, cfg, training=True,
                              repeat=steps is not None and cfg.data.loader == "tfdata")
     val_data = make_loader(val_df, cfg, training=False)
+    stopper = StopOnSignal()
+    stopper.install()
     try:
         history = model.fit(train_data, validation_data=val_data, epochs=cfg.train.epochs,
-                            steps_per_epoch=steps, callbacks=make_callbacks(cfg, run_dir),
+                            steps_per_epoch=steps,
+                            callbacks=[stopper, *make_callbacks(cfg, run_dir)],
                             verbose=verbose)
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"training interrupted; everything up to the last finished epoch is in "
             f"{run_dir}. Continue with `cli.py train --resume {run_dir}`.") from None
     finally:
+        stopper.uninstall()
         if cfg.train.mixed_precision:
             keras.mixed_precision.set_global_policy("float32")
     if (run_dir / "history.csv").is_file():

@@ -58,3 +58,23 @@ def run_cli(args: list[str], backend: str = "torch", timeout: int = 600,
         raise AssertionError(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, bulk_dir) -> Path:
+    """A small ResNet18 trained briefly on 2,000 real 100 px images (64 px input).
+
+    Split 80/10/10 (stratified), so it has validation and test images.
+    """
+    from boneage_keras.config import load_config
+    from boneage_keras.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(REPO / "configs" / "default.yaml", [
+        f"data.data_dir={bulk_dir}", "data.max_images=2000", "data.image_size=64",
+        "data.resize=stretch", "data.split=stratified", "data.test_fraction=0.1",
+        "model.backbone=resnet18", "model.weights=none", "train.epochs=4",
+        "train.batch_size=32", "train.learning_rate=0.001", "train.cosine_period_epochs=null",
+        "augment.rotation_degrees=5", "augment.brightness=0.1", "augment.contrast=null",
+        f"train.output_dir={out}", "train.run_name=small"])
+    return train(cfg, verbose=0).run_dir

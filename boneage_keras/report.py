@@ -1,0 +1,63 @@
+"""A self-contained HTML report: config summary, metric tables, embedded figures."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any, Sequence
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
+text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _group_rows(groups: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    return [[name, g.get("n", 0), g.get("mae", "-"), g.get("bias", "-"),
+             g.get("tolerance_accuracy", "-")] for name, g in groups.items()]
+
+
+def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[Path],
+                 config_summary: dict[str, Any]) -> Path:
+    """Write ``report.html`` into ``out_dir`` with every figure inlined as PNG data."""
+    tol = metrics["tolerance_months"]
+    parts = [f"<h1>Bone-age evaluation: {html.escape(str(metrics.get('title', '')))}</h1>",
+             "<h2>Configuration</h2>",
+             _table(["key", "value"], list(config_summary.items())),
+             "<h2>Metrics (months)</h2>",
+             _table(["n", "MAE", "RMSE", "R²", "bias (pred - true)", f"±{tol:g} mo accuracy"],
+                    [[metrics["n"], metrics["mae"], metrics["rmse"], metrics["r2"],
+                      metrics["bias"], metrics["tolerance_accuracy"]]]),
+             _table(["tolerance (months)", "accuracy"],
+                    [[k, v] for k, v in metrics["accuracy_at"].items()]),
+             "<h3>By age group</h3>",
+             _table(["age group (months)", "n", "MAE", "bias", f"±{tol:g} mo accuracy"],
+                    _group_rows(metrics["by_age_group"])),
+             "<h3>By sex</h3>",
+             _table(["sex", "n", "MAE", "bias", f"±{tol:g} mo accuracy"],
+                    _group_rows(metrics["by_sex"])),
+             "<h2>Figures</h2>"]
+    for figure in figures:
+        data = base64.b64encode(Path(figure).read_bytes()).decode("ascii")
+        parts.append(f"<h3>{html.escape(Path(figure).stem.replace('_', ' '))}</h3>"
+                     f'<img alt="{html.escape(Path(figure).stem)}" '
+                     f'src="data:image/png;base64,{data}">')
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Bone-age report"
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

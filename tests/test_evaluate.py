@@ -1,0 +1,140 @@
+"""evaluate / predict / compare on real images, through the library and the CLI."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+from boneage_keras.config import load_config
+from boneage_keras.data import DataError
+from boneage_keras.evaluate import FIGURES, ModelFileError, compare_predictions, open_model
+from boneage_keras.model import build_model
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    proc = run_cli(["evaluate", str(trained_run), "--split", "val", "--out", str(out)])
+    return out, proc.stdout
+
+
+def test_metrics_agree_with_sklearn(evaluated):
+    out, stdout = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = pd.read_csv(out / "predictions.csv")
+    assert list(preds.columns) == ["id", "male", "boneage", "predicted", "error",
+                                   "within_tolerance"]
+    y, p = preds["boneage"].to_numpy(), preds["predicted"].to_numpy()
+    assert list(metrics)[:5] == ["mae", "rmse", "r2", "bias", "tolerance_accuracy"]
+    assert {"by_age_group", "by_sex", "accuracy_at"} <= set(metrics)
+    assert metrics["mae"] == pytest.approx(mean_absolute_error(y, p), abs=1e-6)
+    assert metrics["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, p)), abs=1e-6)
+    assert metrics["r2"] == pytest.approx(r2_score(y, p), abs=1e-6)
+    assert metrics["bias"] == pytest.approx(np.mean(p - y), abs=1e-6)
+    assert metrics["tolerance_accuracy"] == pytest.approx(np.mean(np.abs(p - y) <= 12))
+    assert metrics["accuracy_at"]["24"] >= metrics["accuracy_at"]["12"] >= \
+        metrics["accuracy_at"]["6"]
+    groups = metrics["by_age_group"]
+    assert sum(g["n"] for g in groups.values()) == len(y)
+    assert groups["0-60"]["n"] == int((y <= 60).sum())
+    mid = (y > 120) & (y <= 180)
+    assert groups["121-180"]["mae"] == pytest.approx(mean_absolute_error(y[mid], p[mid]))
+    male = preds["male"].to_numpy(bool)
+    assert metrics["by_sex"]["male"]["mae"] == pytest.approx(
+        mean_absolute_error(y[male], p[male]), abs=1e-6)
+    assert f"MAE={metrics['mae']:.2f}" in stdout
+
+
+def test_figures_and_report_are_valid(evaluated):
+    out, _ = evaluated
+    for name in FIGURES + ("curves.png",):
+        with Image.open(out / name) as image:
+            image.verify()
+        assert Image.open(out / name).size[0] > 300, name
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("data:image/png;base64,") == len(FIGURES) + 1
+    assert "By age group" in page and "181-240" in page
+
+
+def test_evaluate_model_on_full_size_images(trained_run, sample_dir, tmp_path):
+    proc = run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
+                    str(sample_dir), "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 60 and np.isfinite(metrics["mae"])
+    assert "n=60" in proc.stdout
+
+
+def test_predict_folder_single_image_and_test_csv(trained_run, sample_dir, tmp_path):
+    model = str(trained_run / "best.keras")
+    out = tmp_path / "folder.csv"
+    run_cli(["predict", "--model", model, "--output", str(out), str(sample_dir / "images")])
+    folder = pd.read_csv(out)
+    assert list(folder.columns) == ["id", "predicted"] and len(folder) == 60
+    assert folder["predicted"].between(0, 300).all()
+    single = run_cli(["predict", "--model", model, str(sample_dir / "images" / "4360.png")])
+    lines = single.stdout.strip().splitlines()
+    assert lines[0] == "id,predicted" and lines[1].startswith("4360,")
+    same = folder.loc[folder["id"] == 4360, "predicted"].item()
+    assert float(lines[1].split(",")[1]) == pytest.approx(same, abs=0.01)
+    # Kaggle test layout: boneage-test-dataset.csv (Case ID, Sex) + image folder
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "boneage-test-dataset").mkdir(parents=True)
+    for case in (4360, 4361):
+        (kaggle / "boneage-test-dataset" / f"{case}.png").symlink_to(
+            sample_dir / "images" / f"{case}.png")
+    (kaggle / "boneage-test-dataset.csv").write_text("Case ID,Sex\n4360,M\n4361,F\n")
+    rows = run_cli(["predict", "--model", model, str(kaggle / "boneage-test-dataset.csv")])
+    assert rows.stdout.splitlines()[1:] and rows.stdout.splitlines()[1].startswith("4360,")
+
+
+def test_compare_two_models(trained_run, bulk_dir, tmp_path):
+    from boneage_keras.data import load_dataset
+    from boneage_keras.evaluate import evaluate_table
+
+    # B: the trained model on its validation split, through the CLI
+    run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
+             str(bulk_dir), "--split", "val", "--out", str(tmp_path / "b")])
+    # A: an untrained model (predicts the training mean) on the same images but 3
+    cfg = load_config(trained_run / "config.yaml")
+    split = pd.read_csv(trained_run / "split.csv")
+    build_model(cfg, split.loc[split["split"] == "train", "boneage"].mean(), 40.0).save(
+        tmp_path / "mean.keras")
+    ids = pd.read_csv(tmp_path / "b" / "predictions.csv", dtype={"id": str})["id"]
+    table = load_dataset(bulk_dir, check_images=False)[0].set_index("id").loc[ids]
+    evaluate_table(open_model(tmp_path / "mean.keras"), table.reset_index().iloc[:-3],
+                   tmp_path / "a")
+
+    first = compare_predictions(tmp_path / "a", tmp_path / "b", n_resamples=500, seed=7)
+    again = compare_predictions(tmp_path / "a", tmp_path / "b", n_resamples=500, seed=7)
+    o = first["overall"]
+    assert o == again["overall"]                           # reproducible with the seed
+    assert o["ci_low"] <= o["difference"] <= o["ci_high"]  # CI holds the point estimate
+    assert o["difference"] < 0 and o["ci_high"] < 0        # the trained model is better
+    assert len(first["only_in_b"]) == 3 and first["only_in_a"] == []
+    assert sum(g["n"] for g in first["by_age_group"].values()) == o["n"]
+    proc = run_cli(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--resamples",
+                    "500", "--seed", "7"])
+    assert f"{o['difference']:+.2f}" in proc.stdout and "only in B" in proc.stdout
+
+
+def test_bad_inputs_are_clear(trained_run, tmp_path, sample_dir):
+    (tmp_path / "not.keras").write_text("hello")
+    with pytest.raises(ModelFileError, match="not.keras"):
+        open_model(tmp_path / "not.keras")
+    proc = run_cli(["predict", "--model", str(tmp_path / "missing.keras"),
+                    str(sample_dir / "images" / "4360.png")], check=False)
+    assert proc.returncode == 2 and "model file not found" in proc.stderr
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    proc = run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
+                    str(tmp_path / "data")], check=False)
+    assert proc.returncode == 2 and "labels.csv" in proc.stderr
+    bad = tmp_path / "b.csv"
+    bad.write_text("id,predicted\n1,3\n")
+    with pytest.raises(DataError, match="boneage"):
+        compare_predictions(bad, bad)

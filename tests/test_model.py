@@ -1,0 +1,73 @@
+import keras
+import numpy as np
+import pytest
+
+from boneage_keras.config import load_config
+from boneage_keras.model import (WeightsError, build_backbone, build_model, load_model,
+                                 preprocessing_of)
+
+
+def _cfg(*extra):
+    return load_config("configs/default.yaml",
+                       ["data.image_size=64", "model.weights=none", *extra])
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet18"])
+def test_shapes_and_initial_prediction_is_training_mean(backbone):
+    model = build_model(_cfg(f"model.backbone={backbone}"), label_mean=100.0, label_std=40.0)
+    assert model.input_shape == (None, 64, 64, 1) and model.output_shape == (None, 1)
+    out = keras.ops.convert_to_numpy(model(np.random.uniform(0, 255, (2, 64, 64, 1))))
+    np.testing.assert_allclose(out, 100.0, atol=1e-4)    # zero-initialised output layer
+    assert out.dtype == np.float32
+    assert model.get_layer("head_dense").units == 256
+
+
+def test_linear_head_and_sex_input():
+    model = build_model(_cfg("model.head_units=0", "model.use_sex=true"))
+    names = [layer.name for layer in model.layers]
+    assert "head_dense" not in names and "sex_dense" in names
+    x = {"image": np.zeros((3, 64, 64, 1), "float32"),
+         "male": np.array([[1.0], [0.0], [1.0]], "float32")}
+    assert model.predict(x, verbose=0).shape == (3, 1)
+    assert preprocessing_of(model)["use_sex"] is True
+
+
+def test_weights_file_loads(tmp_path):
+    source = build_backbone("resnet18", 64, None)
+    path = tmp_path / "resnet18.weights.h5"
+    source.save_weights(path)
+    loaded = build_backbone("resnet18", 64, str(path))
+    for a, b in zip(source.weights, loaded.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b))
+    with pytest.raises(WeightsError, match="does not fit"):
+        build_backbone("resnet50", 64, str(path))
+    with pytest.raises(WeightsError, match="file not found"):
+        build_backbone("resnet18", 64, str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_offline_error_suggests_alternatives(monkeypatch):
+    from keras.src.applications import resnet
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(resnet.file_utils, "get_file", offline)
+    with pytest.raises(WeightsError) as err:
+        build_backbone("resnet50", 64, "imagenet")
+    assert "model.weights=none" in str(err.value) and "internet" in str(err.value)
+    with pytest.raises(WeightsError, match="no ImageNet weights"):
+        build_backbone("resnet18", 64, "imagenet")
+
+
+def test_saved_model_reloads_with_preprocessing(tmp_path):
+    model = build_model(_cfg("model.backbone=resnet18", "data.resize=stretch"), 90.0, 30.0)
+    model.save(tmp_path / "m.keras")
+    again = load_model(str(tmp_path / "m.keras"))
+    x = np.random.uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-5)
+    assert preprocessing_of(again) == {"image_size": 64, "resize": "stretch", "crop": False,
+                                       "use_sex": False}
+    with pytest.raises(ValueError, match="not a boneage-keras model"):
+        preprocessing_of(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]))

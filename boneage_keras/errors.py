@@ -6,9 +6,11 @@ from .images import ImageError
 
 
 def user_errors() -> tuple[type[Exception], ...]:
+    from .cache import CacheError
     from .evaluate import ModelFileError
+    from .export import ExportError
     from .model import WeightsError
     from .train import RunDirError, TrainingInterrupted
 
     return (ConfigError, DataError, ImageError, WeightsError, RunDirError,
-            TrainingInterrupted, ModelFileError)
+            TrainingInterrupted, ModelFileError, ExportError, CacheError)

@@ -1,0 +1,105 @@
+"""Export to .keras / SavedModel / ONNX from models trained on each backend, and parity:
+every deployment format predicts the same months (within 0.01) on real images."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from boneage_keras.export import ExportError, export_model
+
+IDS = ("1378", "1379", "1380", "1381", "1382", "1383")
+
+
+@pytest.fixture(scope="module", params=["torch", "tensorflow"])
+def exported(request, tmp_path_factory, bulk_dir):
+    """A tiny model trained on the given backend, then exported (all formats) via the CLI
+    under the torch backend (so the TF-trained one crosses backends too)."""
+    backend = request.param
+    root = tmp_path_factory.mktemp(f"export-{backend}")
+    run_cli(["train", "--data-dir", str(bulk_dir), "--set", "data.max_images=64",
+             "--set", "data.image_size=48", "--set", "model.backbone=resnet18",
+             "--set", "model.weights=none", "--set", "train.epochs=1",
+             "--set", f"train.output_dir={root}", "--set", "train.run_name=run"],
+            backend=backend)
+    run_cli(["export", str(root / "run"), "--format", "all", "--out", str(root / "deploy")],
+            backend="torch")
+    return root
+
+
+def _in_fresh_process(code: str, backend: str = "tensorflow") -> np.ndarray:
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, text=True,
+                          capture_output=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_all_formats_agree(exported, bulk_dir):
+    deploy = exported / "deploy"
+    assert {p.name for p in deploy.iterdir()} == {"model.keras", "savedmodel", "model.onnx",
+                                                  "model.json"}
+    meta = json.loads((deploy / "model.json").read_text())
+    assert meta["input_size"] == 48 and meta["channels"] == 1 and meta["use_sex"] is False
+    assert meta["preprocessing"]["resize"] == "pad" and meta["training"]["epochs"] == 1
+    paths = [str(bulk_dir / "images" / f"{i}.png") for i in IDS]
+    load = ("import json, numpy as np; from boneage_keras.images import load_image;"
+            f"x = np.stack([load_image(p, 48) for p in {paths!r}]).astype('float32');")
+    keras_code = load + ("from boneage_keras.model import load_model;"
+                         f"m = load_model(r'{deploy / 'model.keras'}');"
+                         "print(json.dumps(m.predict(x, verbose=0).ravel().tolist()))")
+    under_torch = _in_fresh_process(keras_code, "torch")
+    under_tf = _in_fresh_process(keras_code, "tensorflow")
+    # plain TensorFlow, no boneage_keras import: float and raw uint8 signatures
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(p)) for p in paths]
+    x = np.stack([np.asarray(Image.fromarray(a).resize((48, 48), Image.BILINEAR))
+                  for a in pixels])[..., None].astype("float32")
+    np.save(exported / "x.npy", x)
+    np.save(exported / "raw.npy", np.stack(pixels)[..., None])
+    saved = _in_fresh_process(
+        "import json, sys, numpy as np, tensorflow as tf;"
+        f"sm = tf.saved_model.load(r'{deploy / 'savedmodel'}');"
+        "assert 'boneage_keras' not in sys.modules;"
+        f"x = np.load(r'{exported / 'x.npy'}'); raw = np.load(r'{exported / 'raw.npy'}');"
+        "a = sm.signatures['preprocessed'](image=tf.constant(x))['boneage'].numpy().ravel();"
+        "b = sm.signatures['serving_default'](images=tf.constant(raw))['boneage'];"
+        "print(json.dumps([a.tolist(), b.numpy().ravel().tolist()]))")
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(deploy / "model.onnx"))
+    assert session.get_outputs()[0].name == "boneage"
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0].ravel()
+    # the 100 px images are square, so pad == stretch and PIL's resize is our pipeline
+    np.testing.assert_allclose(under_tf, under_torch, atol=0.01)
+    np.testing.assert_allclose(saved[0], under_torch, atol=0.01)
+    np.testing.assert_allclose(onnx_out, under_torch, atol=0.01)
+    # the raw signature resizes inside the graph (TF's antialiased bilinear, not PIL's)
+    np.testing.assert_allclose(saved[1], under_torch, atol=1.0)
+    # predict accepts the SavedModel folder and the ONNX file
+    for model in (deploy / "savedmodel", deploy / "model.onnx"):
+        out = exported / f"{model.name}.csv"
+        run_cli(["predict", "--model", str(model), "--output", str(out), *paths])
+        predicted = np.loadtxt(out, delimiter=",", skiprows=1, usecols=1)
+        np.testing.assert_allclose(predicted, under_torch, atol=0.01)
+
+
+def test_export_refuses_and_cleans_up(exported, tmp_path):
+    with pytest.raises(ExportError, match="already exists.*--overwrite"):
+        export_model(exported / "run", ["keras"], exported / "deploy")
+    with pytest.raises(ExportError, match="unknown export format 'tflite'"):
+        export_model(exported / "run", ["tflite"], tmp_path / "x")
+    (tmp_path / "fake.keras").write_text("not a model")
+    with pytest.raises(Exception, match="fake.keras"):
+        export_model(tmp_path / "fake.keras", ["keras"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+    meta = export_model(exported / "run", ["keras"], exported / "deploy", overwrite=True)
+    assert meta["formats"] == ["keras"]
+    assert sorted(p.name for p in (exported / "deploy").iterdir()) == ["model.json",
+                                                                         "model.keras"]

@@ -1,0 +1,137 @@
+"""Throughput figures: input pipelines (originals vs cache, with/without augmentation)
+and the training step (our ``fit`` vs a bare ``train_on_batch``) on the active backend.
+
+    >>> figures = run_bench(cfg, data_dir, images=300)   # cli.py bench prints them as JSON
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from .cache import find_cache
+from .config import Config
+from .data import load_dataset
+from .images import load_image
+from .model import build_model
+from .train import compile_model, gpu_available, mixed_precision_policy
+
+
+def _repeat_table(table: pd.DataFrame, n: int) -> pd.DataFrame:
+    reps = int(np.ceil(n / len(table)))
+    return pd.concat([table] * reps, ignore_index=True).head(n)
+
+
+def pipeline_throughput(table: pd.DataFrame, cfg: Config, augment: bool,
+                        reader: Any = load_image) -> float:
+    """Images per second delivered by the configured loader over ``table`` (one pass)."""
+    from .loaders import make_loader
+
+    data = make_loader(table, cfg, training=augment, reader=reader)
+    count = 0
+    if cfg.data.loader == "pydataset":
+        # the same worker-thread prefetching Keras uses inside fit
+        from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+        iterator = PyDatasetAdapter(data, shuffle=False).get_numpy_iterator()
+    else:
+        iterator = iter(data)
+    start = time.perf_counter()
+    for x, y in iterator:
+        count += len(y)
+    return count / (time.perf_counter() - start)
+
+
+def step_times(cfg: Config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
+    """ms per training step: ``model.fit`` with our callbacks' costs vs train_on_batch."""
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
+    y = rng.uniform(0, 230, (batch,)).astype(np.float32)
+    if cfg.train.mixed_precision:
+        keras.mixed_precision.set_global_policy(mixed_precision_policy())
+    try:
+        model = compile_model(build_model(cfg), cfg)
+        for _ in range(warmup):
+            model.train_on_batch(x, y)
+        _sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+        _sync()
+        bare = (time.perf_counter() - start) / steps
+        # fit over an in-memory dataset of the same batches: the package's path
+        xs, ys = np.concatenate([x] * steps), np.concatenate([y] * steps)
+        model.fit(xs[:batch * warmup], ys[:batch * warmup], batch_size=batch, verbose=0)
+        _sync()
+        start = time.perf_counter()
+        model.fit(xs, ys, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        _sync()
+        fitted = (time.perf_counter() - start) / steps
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return {"train_on_batch_ms": 1000 * bare, "fit_ms": 1000 * fitted,
+            "fit_over_train_on_batch": fitted / bare,
+            "images_per_s": batch / fitted}
+
+
+def _sync() -> None:
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def _peak_memory() -> dict[str, float]:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
+              steps: int = 10, pipelines: bool = True, training: bool = True) -> dict[str, Any]:
+    """All figures as one dict (what ``cli.py bench`` prints)."""
+    result: dict[str, Any] = {
+        "backend": keras.backend.backend(), "gpu": gpu_available(),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size,
+        "backbone": cfg.model.backbone,
+        "precision": mixed_precision_policy() if cfg.train.mixed_precision else "float32",
+    }
+    if pipelines and data_dir:
+        table = _repeat_table(load_dataset(data_dir, check_images=False)[0], images)
+        result["images"] = len(table)
+        cache = find_cache(table, data_dir, cfg.data.image_size, cfg.data.resize,
+                           cfg.data.cache_dir)
+        sources = {"originals": load_image}
+        if cache is not None:
+            sources[f"cache{cache.size}"] = cache.load
+        figures = {}
+        for loader in ("tfdata", "pydataset"):
+            cfg.data.loader = loader
+            for name, reader in sources.items():
+                for augment in (False, True):
+                    key = f"{loader}/{name}/{'augmented' if augment else 'plain'}"
+                    figures[key] = round(pipeline_throughput(table, cfg, augment, reader), 1)
+        result["pipeline_images_per_s"] = figures
+        # decoding the originals one image at a time, no pipeline: the reference
+        start = time.perf_counter()
+        for path in table["path"].head(min(len(table), 60)):
+            load_image(path, cfg.data.image_size, cfg.data.resize)
+        result["decode_per_image_images_per_s"] = round(
+            min(len(table), 60) / (time.perf_counter() - start), 1)
+    if training:
+        result["train_step"] = {k: round(v, 3) for k, v in step_times(cfg, steps).items()}
+    result.update({k: round(v, 1) for k, v in _peak_memory().items()})
+    return result

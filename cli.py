@@ -150,7 +150,7 @@ def compare(a, b, resamples, seed, out_json) -> None:
 
     result = compare_predictions(a, b, resamples, seed)
     o = result["overall"]
-    pct = int(round(o["confidence"] * 100))
+    pct = round(o["confidence"] * 100)
     click.echo(f"A: {result['a']}\nB: {result['b']}")
     click.echo(f"n={o['n']}  MAE A={o['mae_a']:.2f}  MAE B={o['mae_b']:.2f}  "
                f"B-A={o['difference']:+.2f}  {pct}% CI [{o['ci_low']:+.2f}, "
@@ -169,6 +169,64 @@ def compare(a, b, resamples, seed, out_json) -> None:
     if out_json:
         with open(out_json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+@cli.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False),
+              help="The data folder to cache (Kaggle or flat layout).")
+@click.option("--size", type=int, default=256, show_default=True,
+              help="Cached side length; serves any image_size up to it.")
+@click.option("--resize", type=click.Choice(["pad", "stretch"]), default="pad",
+              show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write it (default: DATA_DIR/.boneage-cache).")
+def prepare(data_dir, size, resize, cache_dir) -> None:
+    """Decode every image once into a uint8 cache that train/evaluate read."""
+    _setup_logging(True)
+    from boneage_keras.cache import prepare_cache
+
+    meta = prepare_cache(data_dir, size, resize, cache_dir)
+    click.echo(f"cache ready: {meta['rows']} images at {size} px ({resize})")
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              default="configs/default.yaml", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Images for the input-pipeline figures (skipped without it).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--images", type=int, default=300, show_default=True,
+              help="Images per pipeline pass (the data set repeated as needed).")
+@click.option("--steps", type=int, default=10, show_default=True,
+              help="Timed training steps.")
+@click.option("--no-train", is_flag=True, help="Only the input pipelines.")
+def bench(config_path, data_dir, overrides, images, steps, no_train) -> None:
+    """Print JSON throughput figures: input pipelines and training step time."""
+    import json
+
+    from boneage_keras.bench import run_bench
+    from boneage_keras.config import load_config
+
+    cfg = load_config(config_path, list(overrides))
+    click.echo(json.dumps(run_bench(cfg, data_dir, images, steps, training=not no_train),
+                          indent=2))
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--format", "formats", multiple=True, default=("all",), show_default=True,
+              help="keras, savedmodel, onnx or all (repeatable).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to create with the exported files and model.json.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def export(source, formats, out_dir, overwrite) -> None:
+    """Export RUN_DIR or MODEL.keras for deployment (.keras, SavedModel, ONNX)."""
+    _setup_logging(False)
+    from boneage_keras.export import export_model
+
+    meta = export_model(source, formats, out_dir, overwrite)
+    click.echo(f"exported {', '.join(meta['formats'])} to {out_dir} (input "
+               f"{meta['input_size']}x{meta['input_size']}x1, sex input: {meta['use_sex']})")
 
 
 if __name__ == "__main__":

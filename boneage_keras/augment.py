@@ -11,7 +11,7 @@ so they run in tf.data on any Keras backend.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import keras
 import keras_cv
@@ -60,7 +60,7 @@ class SaltAndPepper(VectorizedBaseImageAugmentationLayer):
 
 
 def build_layers(cfg: AugmentConfig, image_size: int,
-                 seed: Optional[int] = None) -> list[keras.layers.Layer]:
+                 seed: int | None = None) -> list[keras.layers.Layer]:
     """The configured keras-cv layers, in application order (empty: no augmentation)."""
     fill = {"fill_mode": "constant", "fill_value": 0.0}
     layers: list[keras.layers.Layer] = []
@@ -99,7 +99,7 @@ def build_layers(cfg: AugmentConfig, image_size: int,
 
 
 def build_augmenter(cfg: AugmentConfig, image_size: int,
-                    seed: Optional[int] = None) -> Optional[Callable[[tf.Tensor], tf.Tensor]]:
+                    seed: int | None = None) -> Callable[[tf.Tensor], tf.Tensor] | None:
     """A function batch -> augmented batch (float32, 0-255), or None if all stages are off.
 
     Geometric stages fill uncovered pixels with black, like the radiograph background.

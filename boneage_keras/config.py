@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -34,16 +34,18 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the images are and how they are read, cleaned and split."""
 
-    data_dir: Optional[str] = None  # None: ./data/rsna-bone-age, else kagglehub download
+    data_dir: str | None = None  # None: ./data/rsna-bone-age, else kagglehub download
     image_size: int = 224
     resize: Literal["pad", "stretch"] = "pad"
     split: Literal["random", "stratified"] = "random"
     val_fraction: float = 0.1
     test_fraction: float = 0.0
-    max_images: Optional[int] = None  # use a seeded random subset (quick experiments)
+    max_images: int | None = None  # use a seeded random subset (quick experiments)
     strict: bool = False  # unreadable images are errors instead of skipped
     loader: Literal["tfdata", "pydataset"] = "tfdata"
     workers: int = 2
+    use_cache: bool = True  # read a `cli.py prepare` cache when one fits
+    cache_dir: str | None = None  # None: <data_dir>/.boneage-cache
 
 
 @dataclass
@@ -53,12 +55,12 @@ class AugmentConfig:
     horizontal_flip: bool = True
     rotation_degrees: float = 15.0
     translation: float = 0.1  # fraction of the image size
-    scale: Optional[list[float]] = field(default_factory=lambda: [0.9, 1.1])
+    scale: list[float] | None = field(default_factory=lambda: [0.9, 1.1])
     shear: float = 0.0
     brightness: float = 0.3  # additive, fraction of the 0-255 range
-    contrast: Optional[list[float]] = field(default_factory=lambda: [0.7, 1.3])
+    contrast: list[float] | None = field(default_factory=lambda: [0.7, 1.3])
     blur_probability: float = 0.0
-    salt_pepper: Optional[list[float]] = None  # fraction of pixels, e.g. [0.03, 0.08]
+    salt_pepper: list[float] | None = None  # fraction of pixels, e.g. [0.03, 0.08]
     random_crop: bool = False  # crop image_size from a 1/0.875 larger resize
 
 
@@ -67,7 +69,7 @@ class ModelConfig:
     """Backbone, pretrained weights and regression head."""
 
     backbone: str = "resnet50"
-    weights: Optional[str] = "imagenet"  # imagenet | none | path to a weights file
+    weights: str | None = "imagenet"  # imagenet | none | path to a weights file
     head_units: int = 256  # 0: linear head Dense(1)
     dropout: float = 0.3
     use_sex: bool = False
@@ -84,17 +86,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     loss: Literal["mae", "mse", "huber"] = "mae"
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    cosine_period_epochs: Optional[int] = None  # None: one decay over all epochs
+    cosine_period_epochs: int | None = None  # None: one decay over all epochs
     warmup_epochs: int = 0
     min_learning_rate: float = 0.0
-    early_stopping_patience: Optional[int] = 7
+    early_stopping_patience: int | None = 7
     tolerance_months: float = 12.0
-    steps_per_epoch: Optional[int] = None
+    steps_per_epoch: int | None = None
     mixed_precision: bool = False
-    jit_compile: Optional[bool] = None  # None: XLA/compiled steps only when a GPU is present
+    jit_compile: bool | None = None  # None: XLA/compiled steps only when a GPU is present
     seed: int = 42
     output_dir: str = "runs"
-    run_name: Optional[str] = None  # None: <config name>-<timestamp>
+    run_name: str | None = None  # None: <config name>-<timestamp>
 
 
 @dataclass
@@ -150,7 +152,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
         return _coerce(value, inner, key)
     if origin is Literal:
         if value not in typing.get_args(tp):

@@ -112,7 +112,7 @@ def download_dataset() -> Path:
     log.info("downloading %s with kagglehub ...", KAGGLE_DATASET)
     try:
         path = kagglehub.dataset_download(KAGGLE_DATASET)
-    except Exception as err:  # network, credentials, quota: all end the same way
+    except Exception as err:  # noqa: BLE001 (network, credentials, quota: same end)
         raise DataError(f"could not download {KAGGLE_DATASET} ({type(err).__name__}: "
                         f"{err}). " + how) from None
     return Path(path)
@@ -159,7 +159,7 @@ def image_is_readable(path: Path) -> bool:
         with Image.open(path) as im:
             im.verify()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 (PIL raises many types for broken files)
         return False
 
 

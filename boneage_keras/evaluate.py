@@ -13,23 +13,37 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
 
+from .cache import reader_for
 from .config import load_config
-from .data import (AGE_GROUPS, IMAGE_SUFFIXES, DataError, age_group_label,
-                   assign_age_group, load_dataset)
+from .data import (
+    AGE_GROUPS,
+    IMAGE_SUFFIXES,
+    DataError,
+    age_group_label,
+    assign_age_group,
+    load_dataset,
+)
 from .images import load_image
 from .metrics import full_report, paired_bootstrap_mae
 from .model import load_model, preprocessing_of
-from .plots import (plot_age_groups, plot_bland_altman, plot_curves, plot_error_histogram,
-                    plot_examples, plot_scatter)
+from .plots import (
+    plot_age_groups,
+    plot_bland_altman,
+    plot_curves,
+    plot_error_histogram,
+    plot_examples,
+    plot_scatter,
+)
 
 log = logging.getLogger(__name__)
 FIGURES = ("scatter.png", "age_groups.png", "error_histogram.png", "bland_altman.png",
@@ -48,6 +62,72 @@ class EvaluationResult:
     files: list[Path]
 
 
+class KerasPredictor:
+    """A ``.keras`` bone-age model: ``predict_batch(images, male) -> months``."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self.preprocessing = preprocessing_of(model)
+
+    def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
+        inputs: Any = images
+        if self.preprocessing["use_sex"]:
+            inputs = {"image": images, "male": male}
+        return np.asarray(keras.ops.convert_to_numpy(self.model.predict_on_batch(inputs)))
+
+
+class SavedModelPredictor:
+    """An exported SavedModel, through its ``preprocessed`` signature."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        import tensorflow as tf
+
+        self.tf = tf
+        self.signature = tf.saved_model.load(str(path)).signatures["preprocessed"]
+        self.preprocessing = _preprocessing_from_meta(meta)
+
+    def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
+        kwargs = {"image": self.tf.constant(images)}
+        if self.preprocessing["use_sex"]:
+            kwargs["male"] = self.tf.constant(male)
+        return self.signature(**kwargs)["boneage"].numpy()
+
+
+class OnnxPredictor:
+    """An exported ONNX model in onnxruntime."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ModelFileError("onnxruntime is not installed: pip install onnxruntime "
+                                 f"to run {path}.") from None
+        self.session = onnxruntime.InferenceSession(str(path))
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.preprocessing = _preprocessing_from_meta(meta)
+
+    def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
+        feeds = {self.names[0]: images}
+        if self.preprocessing["use_sex"]:
+            feeds[self.names[1]] = male
+        return self.session.run(None, feeds)[0]
+
+
+def _preprocessing_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    pre = meta["preprocessing"]
+    return {"image_size": meta["input_size"], "resize": pre["resize"],
+            "crop": pre["center_crop"], "use_sex": meta["use_sex"]}
+
+
+def _export_meta(path: Path) -> dict[str, Any]:
+    for candidate in (path.parent / "model.json", path / "model.json",
+                      path.parent.parent / "model.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise ModelFileError(f"{path}: no model.json found beside it; SavedModel and ONNX files "
+                         "are read with the model.json that `cli.py export` writes.")
+
+
 def open_model(path: str | Path) -> keras.Model:
     """Load a bone-age ``.keras`` model, with a clear error for anything else."""
     path = Path(path)
@@ -58,7 +138,7 @@ def open_model(path: str | Path) -> keras.Model:
                              "`cli.py train` (e.g. runs/NAME/best.keras) or a run directory.")
     try:
         model = load_model(str(path))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (any failure means: not a usable model)
         raise ModelFileError(f"{path} cannot be loaded as a Keras model "
                              f"({type(err).__name__}: {err}).") from None
     try:
@@ -68,10 +148,24 @@ def open_model(path: str | Path) -> keras.Model:
     return model
 
 
-def predict_paths(model: keras.Model, paths: Sequence[str], male: Optional[np.ndarray] = None,
-                  batch_size: int = 32, progress: bool = True) -> np.ndarray:
-    """Bone age (months) for each image file, decoded as the model was trained."""
-    pre = preprocessing_of(model)
+def open_predictor(path: str | Path) -> Any:
+    """A predictor for a ``.keras`` file, run directory, SavedModel folder or ``.onnx``."""
+    path = Path(path)
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return SavedModelPredictor(path, _export_meta(path))
+    if path.suffix == ".onnx" and path.is_file():
+        return OnnxPredictor(path, _export_meta(path))
+    return KerasPredictor(open_model(path))
+
+
+def predict_paths(predictor: Any, paths: Sequence[str], male: np.ndarray | None = None,
+                  batch_size: int = 32, progress: bool = True,
+                  reader: Callable[..., np.ndarray] = load_image) -> np.ndarray:
+    """Bone age (months) for each image file, decoded as the model was trained
+    (``reader``: ``load_image`` or a prepared cache's ``load``)."""
+    if isinstance(predictor, keras.Model):
+        predictor = KerasPredictor(predictor)
+    pre = predictor.preprocessing
     if pre["use_sex"] and male is None:
         raise DataError("this model takes the patient's sex as a second input; give it "
                         "(a male/Sex column, or --sex M|F for single images).")
@@ -81,14 +175,12 @@ def predict_paths(model: keras.Model, paths: Sequence[str], male: Optional[np.nd
     with ThreadPoolExecutor(max_workers=4) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            images = np.stack(list(pool.map(lambda p: load_image(p, size, resize, crop),
+            images = np.stack(list(pool.map(lambda p: reader(p, size, resize, crop),
                                             chunk))).astype(np.float32)
-            inputs: Any = images
+            sex = None
             if pre["use_sex"]:
                 sex = np.asarray(male[start:start + batch_size], np.float32).reshape(-1, 1)
-                inputs = {"image": images, "male": sex}
-            out.append(np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(inputs)))
-                       .reshape(-1))
+            out.append(np.asarray(predictor.predict_batch(images, sex)).reshape(-1))
             if bar is not None:
                 bar.add(len(chunk))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -118,15 +210,24 @@ def _example_figure(table: pd.DataFrame, preds: pd.DataFrame, out_png: Path,
     return plot_examples(images, captions, k, out_png)
 
 
-def evaluate_table(model: keras.Model, table: pd.DataFrame, out_dir: Path,
+def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                    tolerance_months: float = 12.0, title: str = "evaluation",
-                   config_summary: Optional[dict[str, Any]] = None,
-                   history_csv: Optional[Path] = None) -> EvaluationResult:
-    """Predict ``table`` (id, boneage, male, path), write metrics, figures and report."""
+                   config_summary: dict[str, Any] | None = None,
+                   history_csv: Path | None = None,
+                   cache_dir: str | Path | None = None,
+                   data_dir: str | Path | None = None) -> EvaluationResult:
+    """Predict ``table`` (id, boneage, male, path), write metrics, figures and report.
+
+    Images come from a prepared cache of ``data_dir`` when one fits the model."""
     from .report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    predicted = predict_paths(model, table["path"].tolist(), table["male"].to_numpy())
+    if isinstance(model, keras.Model):
+        model = KerasPredictor(model)
+    pre = model.preprocessing
+    reader = reader_for(table, data_dir, pre["image_size"], pre["resize"], cache_dir)
+    predicted = predict_paths(model, table["path"].tolist(), table["male"].to_numpy(),
+                              reader=reader)
     preds = predictions_table(table, predicted, tolerance_months)
     metrics = full_report(preds["boneage"], preds["predicted"], preds["male"],
                           tolerance_months)
@@ -172,7 +273,7 @@ def _attach_paths(rows: pd.DataFrame, data_dir: str | Path | None) -> pd.DataFra
 
 def evaluate_run(run_dir: str | Path, split: str = "auto", data_dir: str | Path | None = None,
                  out_dir: str | Path | None = None,
-                 tolerance_months: Optional[float] = None) -> EvaluationResult:
+                 tolerance_months: float | None = None) -> EvaluationResult:
     """Evaluate a run's best.keras on its own split (test if it has one, else val)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "split.csv").is_file():
@@ -190,15 +291,18 @@ def evaluate_run(run_dir: str | Path, split: str = "auto", data_dir: str | Path 
                "loss": cfg.train.loss, "learning_rate": cfg.train.learning_rate}
     return evaluate_table(model, table, Path(out_dir) if out_dir else run_dir, tolerance,
                           title=f"{run_dir.name} ({split})", config_summary=summary,
-                          history_csv=run_dir / "history.csv")
+                          history_csv=run_dir / "history.csv",
+                          cache_dir=cfg.data.cache_dir if cfg.data.use_cache else None,
+                          data_dir=(data_dir or cfg.data.data_dir) if cfg.data.use_cache
+                          else None)
 
 
 def evaluate_model(model_path: str | Path, data_dir: str | Path, split: str = "all",
                    out_dir: str | Path = "evaluation",
                    tolerance_months: float = 12.0) -> EvaluationResult:
-    """Evaluate a model file on a labelled data folder (``split`` val/test needs the
-    run's split.csv beside the model file)."""
-    model = open_model(model_path)
+    """Evaluate a model (``.keras``, SavedModel or ONNX) on a labelled data folder
+    (``split`` val/test needs the run's split.csv beside the model file)."""
+    model = open_predictor(model_path)
     table, _, _ = load_dataset(data_dir)
     if split != "all":
         split_csv = Path(model_path).parent / "split.csv"
@@ -210,10 +314,10 @@ def evaluate_model(model_path: str | Path, data_dir: str | Path, split: str = "a
         if table.empty:
             raise DataError(f"no image of split '{split}' ({split_csv}) is in {data_dir}.")
     summary = {"model": str(model_path), "data": str(data_dir), "split": split,
-               **preprocessing_of(model)}
+               **model.preprocessing}
     return evaluate_table(model, table, Path(out_dir), tolerance_months,
                           title=f"{Path(model_path).name} on {Path(data_dir).name} ({split})",
-                          config_summary=summary)
+                          config_summary=summary, data_dir=data_dir)
 
 
 def _parse_sex(value: Any, where: str) -> bool:
@@ -225,7 +329,7 @@ def _parse_sex(value: Any, where: str) -> bool:
     raise DataError(f"{where}: sex {value!r} is not M/F (or male True/False).")
 
 
-def collect_inputs(inputs: Iterable[str | Path], sex: Optional[str] = None) -> pd.DataFrame:
+def collect_inputs(inputs: Iterable[str | Path], sex: str | None = None) -> pd.DataFrame:
     """Image files, folders of images, or a Kaggle test CSV -> table id, path, male.
 
     The Kaggle test layout is ``boneage-test-dataset.csv`` (``Case ID``, ``Sex``) with
@@ -274,12 +378,12 @@ def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
 
 
 def predict_inputs(model_path: str | Path, inputs: Iterable[str | Path],
-                   sex: Optional[str] = None, output: str | Path | None = None,
+                   sex: str | None = None, output: str | Path | None = None,
                    progress: bool = True) -> pd.DataFrame:
     """Predict bone age for images/folders/test CSVs; optionally write a CSV."""
-    model = open_model(model_path)
+    model = open_predictor(model_path)
     table = collect_inputs(inputs, sex)
-    use_sex = preprocessing_of(model)["use_sex"]
+    use_sex = model.preprocessing["use_sex"]
     male = None
     if use_sex:
         unknown = table["male"].isna()

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-
 CROP_FRACTION = 0.875
 
 
@@ -83,7 +82,7 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
 
 def decode_size(size: int, crop: bool) -> int:
     """Side length images are resized to before a (random or central) crop to ``size``."""
-    return int(round(size / CROP_FRACTION)) if crop else size
+    return round(size / CROP_FRACTION) if crop else size
 
 
 def preprocess_array(gray: np.ndarray, size: int, resize: str = "pad",

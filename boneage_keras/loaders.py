@@ -12,7 +12,8 @@ batches only, and yield ``(image, boneage)`` or, with ``model.use_sex``,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -37,15 +38,20 @@ def _columns(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
-                    augment: Optional[Callable] = None, repeat: bool = False) -> tf.data.Dataset:
-    """A batched, prefetched tf.data pipeline: parallel decode, then batch augmentation."""
+                    augment: Callable | None = None, repeat: bool = False,
+                    reader: Callable[..., np.ndarray] = load_image) -> tf.data.Dataset:
+    """A batched, prefetched tf.data pipeline: parallel decode, then batch augmentation.
+
+    ``reader(path, size, resize, crop, center)`` gives one (S, S, 1) uint8 image:
+    ``images.load_image`` (decode the file) or a prepared cache's ``load``.
+    """
     size, resize, crop = cfg.data.image_size, cfg.data.resize, cfg.augment.random_crop
     random_crop = training and crop
     side = decode_size(size, crop) if random_crop else size
     paths, male, labels = _columns(df)
 
     def decode(path: bytes) -> np.ndarray:
-        return load_image(path.decode(), size, resize, crop, center=not random_crop)
+        return reader(path.decode(), size, resize, crop, center=not random_crop)
 
     def load(path, sex, label):
         image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
@@ -78,11 +84,12 @@ class BoneAgeDataset(keras.utils.PyDataset):
     """
 
     def __init__(self, df: pd.DataFrame, cfg: Config, training: bool,
-                 augment: Optional[Callable] = None, **kwargs: Any) -> None:
+                 augment: Callable | None = None,
+                 reader: Callable[..., np.ndarray] = load_image, **kwargs: Any) -> None:
         super().__init__(workers=cfg.data.workers, use_multiprocessing=False,
                          max_queue_size=max(4, 2 * cfg.data.workers), **kwargs)
         self.paths, self.male, self.labels = _columns(df)
-        self.cfg, self.training = cfg, training
+        self.cfg, self.training, self.reader = cfg, training, reader
         self.random_crop = training and cfg.augment.random_crop
         self.augment = tf.function(augment) if (training and augment is not None) else None
         self.rng = np.random.default_rng(cfg.train.seed)
@@ -98,7 +105,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
         idx = self.order[index * bs:(index + 1) * bs]
         d = self.cfg.data
         images = np.stack([
-            load_image(self.paths[i], d.image_size, d.resize, self.cfg.augment.random_crop,
+            self.reader(self.paths[i], d.image_size, d.resize, self.cfg.augment.random_crop,
                        center=not self.random_crop)
             for i in idx
         ]).astype(np.float32)
@@ -111,11 +118,12 @@ class BoneAgeDataset(keras.utils.PyDataset):
             self.rng.shuffle(self.order)
 
 
-def make_loader(df: pd.DataFrame, cfg: Config, training: bool, repeat: bool = False) -> Any:
+def make_loader(df: pd.DataFrame, cfg: Config, training: bool, repeat: bool = False,
+                reader: Callable[..., np.ndarray] = load_image) -> Any:
     """The configured loader (``data.loader``) for one split; augments only if training."""
     augment = None
     if training:
         augment = build_augmenter(cfg.augment, cfg.data.image_size, seed=cfg.train.seed)
     if cfg.data.loader == "pydataset":
-        return BoneAgeDataset(df, cfg, training, augment)
-    return make_tf_dataset(df, cfg, training, augment, repeat=repeat)
+        return BoneAgeDataset(df, cfg, training, augment, reader=reader)
+    return make_tf_dataset(df, cfg, training, augment, repeat=repeat, reader=reader)

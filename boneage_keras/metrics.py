@@ -62,7 +62,7 @@ def regression_report(y_true: np.ndarray, y_pred: np.ndarray,
     error = y_pred - y_true
     ss_tot = float(np.sum((y_true - y_true.mean()) ** 2)) if len(y_true) else 0.0
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "mae": float(np.mean(np.abs(error))),
         "rmse": float(np.sqrt(np.mean(error ** 2))),
         "r2": float(1 - np.sum(error ** 2) / ss_tot) if ss_tot > 0 else float("nan"),
@@ -131,7 +131,7 @@ def paired_bootstrap_mae(abs_error_a: np.ndarray, abs_error_b: np.ndarray,
     diffs = b[idx].mean(axis=1) - a[idx].mean(axis=1)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(diffs, [tail, 100 - tail])
-    return {"n": int(len(a)), "mae_a": float(a.mean()), "mae_b": float(b.mean()),
+    return {"n": len(a), "mae_a": float(a.mean()), "mae_b": float(b.mean()),
             "difference": float(b.mean() - a.mean()), "ci_low": float(low),
             "ci_high": float(high), "confidence": confidence,
             "n_resamples": int(n_resamples), "seed": int(seed),

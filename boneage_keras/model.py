@@ -17,7 +17,7 @@ were resized (``image_size``, ``resize``, ``crop``) for ``predict``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import keras
 from keras import layers, ops
@@ -130,7 +130,7 @@ def resnet18(input_shape: tuple[int, int, int]) -> keras.Model:
     return keras.Model(inputs, x, name="resnet18")
 
 
-def build_backbone(name: str, image_size: int, weights: Optional[str]) -> keras.Model:
+def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
     """A headless, average-pooled backbone with ImageNet, no, or file weights."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
@@ -172,7 +172,7 @@ def _load_weights_file(backbone: keras.Model, path: str) -> None:
                            "the path to a weights file (.weights.h5 or .h5).")
     try:
         backbone.load_weights(str(Path(path).expanduser()))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (h5/keras loaders raise many types)
         raise WeightsError(f"model.weights: {path} does not fit the {backbone.name} "
                            f"backbone ({type(err).__name__}: {err}).") from None
 
@@ -214,7 +214,8 @@ def preprocessing_of(model: keras.Model) -> dict[str, Any]:
     except ValueError:
         layer = None
     if not isinstance(layer, GrayPreprocess):
-        raise ValueError(f"model '{model.name}' is not a boneage-keras model (it has no "
+        raise ValueError(  # noqa: TRY004 (a wrong model, not a wrong Python type)
+            f"model '{model.name}' is not a boneage-keras model (it has no "
                          "'preprocess' layer); use a .keras file written by `cli.py train`.")
     return {"image_size": layer.image_size, "resize": layer.resize, "crop": layer.crop,
             "use_sex": any(t.name == "male" for t in model.inputs)}

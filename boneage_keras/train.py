@@ -18,17 +18,18 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
 
+from .cache import reader_for
 from .config import Config, load_config, save_config
 from .data import load_dataset, resolve_data_dir, split_table, subsample
-from .loaders import make_loader
 from .metrics import ToleranceAccuracy
 from .model import build_model
 from .plots import plot_curves
@@ -85,7 +86,7 @@ class TrainResult:
     best: dict[str, float]  # the validation metrics of the best epoch
 
 
-def cosine_learning_rate(epoch: int, base: float, epochs: int, period: Optional[int] = None,
+def cosine_learning_rate(epoch: int, base: float, epochs: int, period: int | None = None,
                          warmup: int = 0, minimum: float = 0.0) -> float:
     """Learning rate of ``epoch`` (0-based): linear warmup, then cosine annealing.
 
@@ -122,6 +123,25 @@ def gpu_available() -> bool:
 
         return bool(tf.config.list_physical_devices("GPU"))
     return False
+
+
+def mixed_precision_policy() -> str:
+    """bfloat16 where the GPU has it (Ampere and newer: no loss scaling needed), else
+    float16 with Keras' automatic loss scaling."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "mixed_bfloat16"
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            if tf.config.experimental.get_device_details(gpu).get(
+                    "compute_capability", (0, 0)) >= (8, 0):
+                return "mixed_bfloat16"
+    return "mixed_float16"
 
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
@@ -203,6 +223,12 @@ def prepare_split(cfg: Config, run_dir: Path) -> pd.DataFrame:
     return split
 
 
+def image_reader(cfg: Config, table: pd.DataFrame) -> Callable[..., np.ndarray]:
+    """A prepared cache's reader when one fits the config, else decoding the files."""
+    d = cfg.data
+    return reader_for(table, d.data_dir, d.image_size, d.resize, d.cache_dir, d.use_cache)
+
+
 def _attach_log_file(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -233,18 +259,21 @@ def train(cfg: Config, resume_dir: str | Path | None = None, verbose: Any = "aut
 def _train(cfg: Config, run_dir: Path, verbose: Any) -> TrainResult:
     keras.utils.set_random_seed(cfg.train.seed)
     if cfg.train.mixed_precision:
-        policy = "mixed_bfloat16" if keras.backend.backend() == "jax" else "mixed_float16"
-        keras.mixed_precision.set_global_policy(policy)
+        keras.mixed_precision.set_global_policy(mixed_precision_policy())
     log.info("run %s on the %s backend", run_dir, keras.backend.backend())
     split = prepare_split(cfg, run_dir)
     train_df, val_df = split[split["split"] == "train"], split[split["split"] == "val"]
     labels = train_df["boneage"].to_numpy(dtype=np.float64)
     model = compile_model(build_model(cfg, float(labels.mean()), float(labels.std() or 1.0)),
                           cfg)
+    from .loaders import make_loader  # TensorFlow's tf.data: imported only to train
+
     steps = cfg.train.steps_per_epoch
+    reader = image_reader(cfg, split)
     train_data = make_loader(train_df, cfg, training=True,
-                             repeat=steps is not None and cfg.data.loader == "tfdata")
-    val_data = make_loader(val_df, cfg, training=False)
+                             repeat=steps is not None and cfg.data.loader == "tfdata",
+                             reader=reader)
+    val_data = make_loader(val_df, cfg, training=False, reader=reader)
     stopper = StopOnSignal()
     stopper.install()
     try:

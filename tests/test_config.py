@@ -2,8 +2,13 @@ import dataclasses
 
 import pytest
 
-from boneage_keras.config import (ConfigError, Config, load_config, save_config,
-                                  _SECTION_CLASSES)
+from boneage_keras.config import (
+    _SECTION_CLASSES,
+    Config,
+    ConfigError,
+    load_config,
+    save_config,
+)
 
 CONFIGS = "configs"
 

@@ -3,11 +3,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_flat_dataset
 
 from boneage_keras import data
-from boneage_keras.data import DataError, clean_table, find_layout, load_dataset, split_table
-
-from conftest import write_flat_dataset
+from boneage_keras.data import (
+    DataError,
+    clean_table,
+    find_layout,
+    load_dataset,
+    split_table,
+)
 
 
 def test_kaggle_layouts_and_flat(tmp_path):

@@ -5,15 +5,19 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from PIL import Image
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from boneage_keras.config import load_config
 from boneage_keras.data import DataError
-from boneage_keras.evaluate import FIGURES, ModelFileError, compare_predictions, open_model
+from boneage_keras.evaluate import (
+    FIGURES,
+    ModelFileError,
+    compare_predictions,
+    open_model,
+)
 from boneage_keras.model import build_model
-
-from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +89,17 @@ def test_predict_folder_single_image_and_test_csv(trained_run, sample_dir, tmp_p
     # Kaggle test layout: boneage-test-dataset.csv (Case ID, Sex) + image folder
     kaggle = tmp_path / "kaggle"
     (kaggle / "boneage-test-dataset").mkdir(parents=True)
-    for case in (4360, 4361):
+    cases = sorted(int(p.stem) for p in (sample_dir / "images").glob("*.png")
+                   if int(p.stem) >= 4360)[:2]
+    for case in cases:
         (kaggle / "boneage-test-dataset" / f"{case}.png").symlink_to(
             sample_dir / "images" / f"{case}.png")
-    (kaggle / "boneage-test-dataset.csv").write_text("Case ID,Sex\n4360,M\n4361,F\n")
+    (kaggle / "boneage-test-dataset.csv").write_text(
+        f"Case ID,Sex\n{cases[0]},M\n{cases[1]},F\n")
     rows = run_cli(["predict", "--model", model, str(kaggle / "boneage-test-dataset.csv")])
-    assert rows.stdout.splitlines()[1:] and rows.stdout.splitlines()[1].startswith("4360,")
+    lines = rows.stdout.strip().splitlines()
+    assert lines[0] == "id,predicted" and [line.split(",")[0] for line in lines[1:]] == \
+        [str(c) for c in cases]
 
 
 def test_compare_two_models(trained_run, bulk_dir, tmp_path):

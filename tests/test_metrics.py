@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from boneage_keras.metrics import (ToleranceAccuracy, regression_report,
-                                   report_by_age_group)
+from boneage_keras.metrics import (
+    ToleranceAccuracy,
+    regression_report,
+    report_by_age_group,
+)
 
 
 def test_tolerance_accuracy_matches_numpy():

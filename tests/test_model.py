@@ -3,8 +3,13 @@ import numpy as np
 import pytest
 
 from boneage_keras.config import load_config
-from boneage_keras.model import (WeightsError, build_backbone, build_model, load_model,
-                                 preprocessing_of)
+from boneage_keras.model import (
+    WeightsError,
+    build_backbone,
+    build_model,
+    load_model,
+    preprocessing_of,
+)
 
 
 def _cfg(*extra):
@@ -50,7 +55,7 @@ def test_imagenet_offline_error_suggests_alternatives(monkeypatch):
     from keras.src.applications import resnet
 
     def offline(*args, **kwargs):
-        raise Exception("URL fetch failure: no network")
+        raise Exception("URL fetch failure: no network")  # noqa: TRY002 (as Keras does)
 
     monkeypatch.setattr(resnet.file_utils, "get_file", offline)
     with pytest.raises(WeightsError) as err:

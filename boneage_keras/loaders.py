@@ -91,7 +91,11 @@ class BoneAgeDataset(keras.utils.PyDataset):
         self.paths, self.male, self.labels = _columns(df)
         self.cfg, self.training, self.reader = cfg, training, reader
         self.random_crop = training and cfg.augment.random_crop
-        self.augment = tf.function(augment) if (training and augment is not None) else None
+        self.augment = None
+        if training and augment is not None:
+            # one trace for every batch size (the last batch is smaller), shared by workers
+            spec = tf.TensorSpec([None, None, None, 1], tf.float32)
+            self.augment = tf.function(augment, input_signature=[spec])
         self.rng = np.random.default_rng(cfg.train.seed)
         self.order = np.arange(len(self.paths))
         if training:

@@ -75,6 +75,10 @@ def trained_run(tmp_path_factory, bulk_dir) -> Path:
         "data.resize=stretch", "data.split=stratified", "data.test_fraction=0.1",
         "model.backbone=resnet18", "model.weights=none", "train.epochs=4",
         "train.batch_size=32", "train.learning_rate=0.001", "train.cosine_period_epochs=null",
-        "augment.rotation_degrees=5", "augment.brightness=0.1", "augment.contrast=null",
+        # no augmentation: from scratch, 4 short epochs learn clearly only without it
+        # (measured: best val MAE 25.8 vs 30.8 with light augmentation; mean baseline 34.3)
+        "augment.horizontal_flip=false", "augment.rotation_degrees=0",
+        "augment.translation=0", "augment.scale=null", "augment.brightness=0",
+        "augment.contrast=null",
         f"train.output_dir={out}", "train.run_name=small"])
     return train(cfg, verbose=0).run_dir

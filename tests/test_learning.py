@@ -15,7 +15,7 @@ def test_beats_training_mean_on_real_images(trained_run):
     best_val_mae = history["val_mae"].min()
     print(f"baseline (training mean) {baseline:.2f}, best val MAE {best_val_mae:.2f}")
     assert baseline > 25          # real bone ages spread widely
-    assert best_val_mae < 0.95 * baseline   # at least 5% better than the mean
+    assert best_val_mae < 0.85 * baseline   # at least 15% better than the mean
     # the saved best model reproduces it on the held-out test split
     result = evaluate_run(trained_run, split="test", out_dir=trained_run / "eval-test")
     test = split.loc[split["split"] == "test", "boneage"].to_numpy()

@@ -6,6 +6,7 @@ and the training step (our ``fit`` vs a bare ``train_on_batch``) on the active b
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -112,7 +113,7 @@ def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
     """All figures as one dict (what ``cli.py bench`` prints)."""
     result: dict[str, Any] = {
         "backend": keras.backend.backend(), "gpu": gpu_available(),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size,
         "backbone": cfg.model.backbone,
         "precision": mixed_precision_policy() if cfg.train.mixed_precision else "float32",

@@ -163,23 +163,19 @@ def find_cache(table: pd.DataFrame, data_dir: str | Path, image_size: int, resiz
             candidates.append((meta["size"], folder, meta))
     if not candidates:
         return None
-    current = None
+    everything = load_dataset(data_dir, check_images=False)[0]
     for _, folder, meta in sorted(candidates, key=lambda c: c[0]):
         index = pd.read_csv(folder / "index.csv", dtype={"id": str})
-        if not set(table["id"]) <= set(index["id"]):
+        ids = set(index["id"])
+        if not set(table["id"]) <= ids:
             continue
-        current = current or fingerprint_of_ids(data_dir, index["id"])
-        if meta["fingerprint"] != current:
+        # each cache is checked against the images it was built from, now
+        if meta["fingerprint"] != fingerprint(everything[everything["id"].isin(ids)]):
             log.warning("cache %s no longer matches the images (changed files): not used; "
                         "run `cli.py prepare` again", folder)
             continue
         return ImageCache.open(folder, table)
     return None
-
-
-def fingerprint_of_ids(data_dir: str | Path, ids: pd.Series) -> str:
-    table, _, _ = load_dataset(data_dir, check_images=False)
-    return fingerprint(table[table["id"].isin(set(ids))])
 
 
 def reader_for(table: pd.DataFrame, data_dir: str | Path | None, image_size: int,

@@ -78,12 +78,31 @@ def _print_metrics(metrics: dict) -> None:
                            f"{g['tolerance_accuracy']:>8.3f}")
             else:
                 click.echo(f"{name:<10}{0:>6}")
+    if "tta" in metrics:
+        t = metrics["tta"]
+        click.echo(f"TTA ({t['views']} views): MAE {t['mae']:.2f}, without TTA "
+                   f"{t['mae_without_tta']:.2f}")
+    for member in metrics.get("ensemble", {}).get("members", []):
+        click.echo(f"member {member['model']}: MAE {member['mae']:.2f}  "
+                   f"acc(+-{tol:g})={member['tolerance_accuracy']:.3f}")
+    if "uncertainty" in metrics:
+        u = metrics["uncertainty"]
+        click.echo(f"{u['level']:.0%} interval ({u['source']}): coverage {u['coverage']:.1%}, "
+                   f"mean width {u['mean_width']:.1f} months: {u['verdict']}")
+
+
+def _tta_option(f):
+    f = click.option("--mc-samples", type=int, default=0, show_default=True,
+                     help="MC-dropout samples per image (> 1: std and 90% interval).")(f)
+    return click.option("--tta", type=int, default=1, show_default=True,
+                        help="Test-time augmentation views to average (1 = off, max 8).")(f)
 
 
 @cli.command()
-@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--model", "model_path", type=click.Path(), default=None,
-              help="A .keras model file (instead of RUN_DIR).")
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--model", "model_paths", multiple=True, type=click.Path(),
+              help="A model file (.keras, SavedModel folder, .onnx) instead of RUN_DIR; "
+                   "repeat for an ensemble.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Labelled data (required with --model; default for RUN_DIR: its own).")
 @click.option("--split", type=click.Choice(["auto", "val", "test", "all"]), default=None,
@@ -93,43 +112,70 @@ def _print_metrics(metrics: dict) -> None:
               help="Output folder (default: RUN_DIR, or ./evaluation with --model).")
 @click.option("--tolerance", type=float, default=None,
               help="Tolerance in months (default: the run's, else 12).")
-def evaluate(run_dir, model_path, data_dir, split, out_dir, tolerance) -> None:
-    """Metrics, predictions.csv, figures and report.html for a run or a model file."""
+@_tta_option
+def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, tta,
+             mc_samples) -> None:
+    """Metrics, predictions.csv, figures and report.html for runs or model files.
+
+    Several RUN_DIRs (or --model repeated) are evaluated as an ensemble."""
     _setup_logging(False)
     from boneage_keras.evaluate import evaluate_model, evaluate_run
 
-    if (run_dir is None) == (model_path is None):
-        raise click.UsageError("give either RUN_DIR or --model FILE --data-dir DIR.")
-    if run_dir is not None:
-        result = evaluate_run(run_dir, split or "auto", data_dir, out_dir, tolerance)
+    if bool(run_dirs) == bool(model_paths):
+        raise click.UsageError("give either RUN_DIR... or --model FILE --data-dir DIR.")
+    if run_dirs:
+        result = evaluate_run(list(run_dirs), split or "auto", data_dir, out_dir, tolerance,
+                              tta=tta, mc_samples=mc_samples)
     else:
         if data_dir is None:
             raise click.UsageError("--model needs --data-dir with labelled images.")
-        result = evaluate_model(model_path, data_dir, split or "all", out_dir or "evaluation",
-                                tolerance or 12.0)
+        result = evaluate_model(list(model_paths), data_dir, split or "all",
+                                out_dir or "evaluation", tolerance or 12.0, tta=tta,
+                                mc_samples=mc_samples)
     _print_metrics(result.metrics)
     click.echo(f"wrote {result.out_dir}/metrics.json, predictions.csv, figures, report.html")
 
 
 @cli.command()
-@click.option("--model", "model_path", required=True, type=click.Path(),
-              help="A .keras model file or a run directory.")
+@click.option("--model", "model_paths", required=True, multiple=True, type=click.Path(),
+              help="A .keras file, run directory, SavedModel folder or .onnx; repeat for "
+                   "an ensemble.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the predictions to this CSV (default: print them).")
 @click.option("--sex", type=click.Choice(["M", "F"], case_sensitive=False), default=None,
               help="Sex for single images/folders, for models that use it.")
+@_tta_option
 @click.argument("inputs", nargs=-1, required=True)
-def predict(model_path, output, sex, inputs) -> None:
+def predict(model_paths, output, sex, tta, mc_samples, inputs) -> None:
     """Bone age for images, folders of images, or a Kaggle test CSV."""
     _setup_logging(False)
     from boneage_keras.evaluate import predict_inputs
 
     # The progress bar prints to stdout, so it is shown only when the CSV goes to a file.
-    result = predict_inputs(model_path, inputs, sex, output, progress=output is not None)
+    result = predict_inputs(list(model_paths), inputs, sex, output,
+                            progress=output is not None, tta=tta, mc_samples=mc_samples)
     if output is None:
         click.echo(result.to_csv(index=False, float_format="%.2f"), nl=False)
     else:
         click.echo(f"wrote {len(result)} predictions to {output}")
+
+
+@cli.command()
+@click.argument("model_path", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the overlays, gradcam_grid.png and heatmaps.npz.")
+@click.option("--sex", type=click.Choice(["M", "F"], case_sensitive=False), default=None,
+              help="Sex for single images/folders, for models that use it.")
+def explain(model_path, inputs, out_dir, sex) -> None:
+    """Grad-CAM heatmaps of MODEL (.keras or run dir) on images, folders or a test CSV."""
+    _setup_logging(False)
+    from boneage_keras.explain import explain_images
+
+    result = explain_images(model_path, inputs, out_dir, sex)
+    click.echo(result.to_csv(index=False, float_format="%.2f"), nl=False)
+    click.echo(f"wrote {len(result)} overlays, gradcam_grid.png and heatmaps.npz to "
+               f"{out_dir}")
 
 
 @cli.command()
@@ -210,6 +256,39 @@ def bench(config_path, data_dir, overrides, images, steps, no_train) -> None:
     cfg = load_config(config_path, list(overrides))
     click.echo(json.dumps(run_bench(cfg, data_dir, images, steps, training=not no_train),
                           indent=2))
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              default="configs/cpu-bench.yaml", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Labelled data to train on (as for train).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value (repeatable), as for train.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              default="runs/benchmark", show_default=True,
+              help="Folder for the two runs and benchmark.json (rerun to continue).")
+@_tta_option
+def benchmark(config_path, data_dir, overrides, out_dir, tta, mc_samples) -> None:
+    """Learning benchmark: validation MAE without/with sex input, with/without TTA."""
+    _setup_logging(True)
+    from boneage_keras.benchmark import learning_benchmark
+
+    sets = list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else [])
+    result = learning_benchmark(config_path, sets, out_dir, tta=tta, mc_samples=mc_samples,
+                                verbose=1 if sys.stdout.isatty() else 2)
+    click.echo(f"validation: n={result['rows'][0]['n_val']}, predicting the training "
+               f"mean gives MAE {result['mean_baseline_mae']:.2f} months")
+    click.echo(f"{'variant':<18}{'MAE':>8}{f'MAE TTA{tta}':>11}{'acc+-12':>9}"
+               f"{'90% cover':>11}{'train s':>9}")
+    for row in result["rows"]:
+        cover = row.get("interval_coverage")
+        seconds = row["train_seconds"]
+        click.echo(f"{row['variant']:<18}{row['val_mae']:>8.2f}{row['val_mae_tta']:>11.2f}"
+                   f"{row['tolerance_accuracy_tta']:>9.3f}"
+                   f"{'-' if cover is None else f'{cover:.1%}':>11}"
+                   f"{'-' if seconds is None else f'{seconds:.0f}':>9}")
+    click.echo(f"wrote {out_dir}/benchmark.json")
 
 
 @cli.command()

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pandas as pd
 
@@ -34,8 +32,16 @@ from .data import (
     load_dataset,
 )
 from .images import load_image
-from .metrics import full_report, paired_bootstrap_mae
-from .model import load_model, preprocessing_of
+from .inference import (
+    KerasPredictor,
+    ModelFileError,
+    Prediction,
+    as_members,
+    open_members,
+    open_model,
+    predict_images,
+)
+from .metrics import full_report, interval_calibration, paired_bootstrap_mae
 from .plots import (
     plot_age_groups,
     plot_bland_altman,
@@ -50,10 +56,6 @@ FIGURES = ("scatter.png", "age_groups.png", "error_histogram.png", "bland_altman
            "examples.png")
 
 
-class ModelFileError(ValueError):
-    """A model file is missing or is not a bone-age model."""
-
-
 @dataclass
 class EvaluationResult:
     out_dir: Path
@@ -62,142 +64,37 @@ class EvaluationResult:
     files: list[Path]
 
 
-class KerasPredictor:
-    """A ``.keras`` bone-age model: ``predict_batch(images, male) -> months``."""
-
-    def __init__(self, model: keras.Model) -> None:
-        self.model = model
-        self.preprocessing = preprocessing_of(model)
-
-    def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
-        inputs: Any = images
-        if self.preprocessing["use_sex"]:
-            inputs = {"image": images, "male": male}
-        return np.asarray(keras.ops.convert_to_numpy(self.model.predict_on_batch(inputs)))
-
-
-class SavedModelPredictor:
-    """An exported SavedModel, through its ``preprocessed`` signature."""
-
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
-        import tensorflow as tf
-
-        self.tf = tf
-        self.signature = tf.saved_model.load(str(path)).signatures["preprocessed"]
-        self.preprocessing = _preprocessing_from_meta(meta)
-
-    def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
-        kwargs = {"image": self.tf.constant(images)}
-        if self.preprocessing["use_sex"]:
-            kwargs["male"] = self.tf.constant(male)
-        return self.signature(**kwargs)["boneage"].numpy()
-
-
-class OnnxPredictor:
-    """An exported ONNX model in onnxruntime."""
-
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ModelFileError("onnxruntime is not installed: pip install onnxruntime "
-                                 f"to run {path}.") from None
-        self.session = onnxruntime.InferenceSession(str(path))
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.preprocessing = _preprocessing_from_meta(meta)
-
-    def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
-        feeds = {self.names[0]: images}
-        if self.preprocessing["use_sex"]:
-            feeds[self.names[1]] = male
-        return self.session.run(None, feeds)[0]
-
-
-def _preprocessing_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    pre = meta["preprocessing"]
-    return {"image_size": meta["input_size"], "resize": pre["resize"],
-            "crop": pre["center_crop"], "use_sex": meta["use_sex"]}
-
-
-def _export_meta(path: Path) -> dict[str, Any]:
-    for candidate in (path.parent / "model.json", path / "model.json",
-                      path.parent.parent / "model.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise ModelFileError(f"{path}: no model.json found beside it; SavedModel and ONNX files "
-                         "are read with the model.json that `cli.py export` writes.")
-
-
-def open_model(path: str | Path) -> keras.Model:
-    """Load a bone-age ``.keras`` model, with a clear error for anything else."""
-    path = Path(path)
-    if path.is_dir() and (path / "best.keras").is_file():
-        path = path / "best.keras"
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}. Pass a .keras file written by "
-                             "`cli.py train` (e.g. runs/NAME/best.keras) or a run directory.")
-    try:
-        model = load_model(str(path))
-    except Exception as err:  # noqa: BLE001 (any failure means: not a usable model)
-        raise ModelFileError(f"{path} cannot be loaded as a Keras model "
-                             f"({type(err).__name__}: {err}).") from None
-    try:
-        preprocessing_of(model)
-    except ValueError as err:
-        raise ModelFileError(f"{path}: {err}") from None
-    return model
-
-
-def open_predictor(path: str | Path) -> Any:
-    """A predictor for a ``.keras`` file, run directory, SavedModel folder or ``.onnx``."""
-    path = Path(path)
-    if path.is_dir() and (path / "saved_model.pb").is_file():
-        return SavedModelPredictor(path, _export_meta(path))
-    if path.suffix == ".onnx" and path.is_file():
-        return OnnxPredictor(path, _export_meta(path))
-    return KerasPredictor(open_model(path))
-
-
-def predict_paths(predictor: Any, paths: Sequence[str], male: np.ndarray | None = None,
-                  batch_size: int = 32, progress: bool = True,
-                  reader: Callable[..., np.ndarray] = load_image) -> np.ndarray:
-    """Bone age (months) for each image file, decoded as the model was trained
-    (``reader``: ``load_image`` or a prepared cache's ``load``)."""
-    if isinstance(predictor, keras.Model):
-        predictor = KerasPredictor(predictor)
-    pre = predictor.preprocessing
-    if pre["use_sex"] and male is None:
-        raise DataError("this model takes the patient's sex as a second input; give it "
-                        "(a male/Sex column, or --sex M|F for single images).")
-    size, resize, crop = pre["image_size"], pre["resize"], pre["crop"]
-    bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
-    out = []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            images = np.stack(list(pool.map(lambda p: reader(p, size, resize, crop),
-                                            chunk))).astype(np.float32)
-            sex = None
-            if pre["use_sex"]:
-                sex = np.asarray(male[start:start + batch_size], np.float32).reshape(-1, 1)
-            out.append(np.asarray(predictor.predict_batch(images, sex)).reshape(-1))
-            if bar is not None:
-                bar.add(len(chunk))
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def predictions_table(table: pd.DataFrame, predicted: np.ndarray,
+def predictions_table(table: pd.DataFrame, predicted: np.ndarray | Prediction,
                       tolerance_months: float) -> pd.DataFrame:
-    error = predicted - table["boneage"].to_numpy(np.float64)
-    return pd.DataFrame({
+    """id, male, boneage, predicted, error, within_tolerance; with a :class:`Prediction`
+    also predicted_no_tta (TTA), member_K (ensembles), std, lower90, upper90."""
+    point = predicted.predicted if isinstance(predicted, Prediction) else predicted
+    error = point - table["boneage"].to_numpy(np.float64)
+    preds = pd.DataFrame({
         "id": table["id"].to_numpy(), "male": table["male"].to_numpy(bool),
-        "boneage": table["boneage"].to_numpy(np.float64), "predicted": predicted,
+        "boneage": table["boneage"].to_numpy(np.float64), "predicted": point,
         "error": error, "within_tolerance": np.abs(error) <= tolerance_months,
     })
+    if isinstance(predicted, Prediction):
+        preds = pd.concat([preds, extra_columns(predicted)], axis=1)
+    return preds
+
+
+def extra_columns(prediction: Prediction, tta: bool = True) -> pd.DataFrame:
+    """The TTA, ensemble and uncertainty columns of predictions tables."""
+    extra: dict[str, np.ndarray] = {}
+    if tta and not np.array_equal(prediction.no_tta, prediction.predicted):
+        extra["predicted_no_tta"] = prediction.no_tta
+    if len(prediction.members) > 1:
+        for k, member in enumerate(prediction.members):
+            extra[f"member_{k}"] = member
+    if prediction.std is not None:
+        extra.update(std=prediction.std, lower90=prediction.lower, upper90=prediction.upper)
+    return pd.DataFrame(extra)
 
 
 def _example_figure(table: pd.DataFrame, preds: pd.DataFrame, out_png: Path,
-                    per_row: int = 6) -> Path:
+                    explainer: Any = None, per_row: int = 6) -> Path:
     order = np.argsort(np.abs(preds["error"].to_numpy()))
     k = min(per_row, max(1, len(order) // 2))
     chosen = list(order[:k]) + list(order[::-1][:k])
@@ -207,7 +104,52 @@ def _example_figure(table: pd.DataFrame, preds: pd.DataFrame, out_png: Path,
         row = preds.iloc[i]
         captions.append(f"id {row['id']}\ntrue {row['boneage']:.0f} / pred "
                         f"{row['predicted']:.0f}")
-    return plot_examples(images, captions, k, out_png)
+    heatmaps = None
+    if explainer is not None:
+        from .explain import grad_cam
+
+        pre = explainer.preprocessing
+        inputs = np.stack([load_image(table["path"].iloc[i], pre["image_size"],
+                                      pre["resize"], pre["crop"]) for i in chosen])
+        male = table["male"].to_numpy(np.float32)[chosen] if pre["use_sex"] else None
+        cams, _ = grad_cam(explainer.model, inputs.astype(np.float32), male)
+        heatmaps = [_resize_map(c, 160) for c in cams]
+    return plot_examples(images, captions, k, out_png, heatmaps=heatmaps)
+
+
+def _resize_map(cam: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(cam.astype(np.float32)).resize((size, size),
+                                                                      Image.BILINEAR))
+
+
+def _extra_metrics(preds: pd.DataFrame, prediction: Prediction, tta: int,
+                   mc_samples: int, tolerance_months: float) -> dict[str, Any]:
+    from .metrics import regression_report
+
+    truth = preds["boneage"].to_numpy(np.float64)
+    extra: dict[str, Any] = {}
+    if tta > 1:
+        extra["tta"] = {"views": tta,
+                        "mae": float(np.mean(np.abs(prediction.predicted - truth))),
+                        "mae_without_tta": float(np.mean(np.abs(prediction.no_tta - truth)))}
+    if len(prediction.members) > 1:
+        extra["ensemble"] = {
+            "mae": float(np.mean(np.abs(prediction.predicted - truth))),
+            "members": [{"model": name,
+                         **{k: v for k, v in regression_report(
+                             truth, member, tolerance_months).items()
+                            if k in ("mae", "rmse", "r2", "tolerance_accuracy")}}
+                        for name, member in zip(prediction.names, prediction.members)]}
+    if prediction.std is not None:
+        source = " + ".join(s for s, on in (
+            (f"MC dropout ({mc_samples} samples)", mc_samples > 1),
+            (f"ensemble spread ({len(prediction.members)} models)",
+             len(prediction.members) > 1)) if on)
+        extra["uncertainty"] = {"source": source, **interval_calibration(
+            truth, prediction.predicted, prediction.std)}
+    return extra
 
 
 def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
@@ -215,22 +157,27 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                    config_summary: dict[str, Any] | None = None,
                    history_csv: Path | None = None,
                    cache_dir: str | Path | None = None,
-                   data_dir: str | Path | None = None) -> EvaluationResult:
-    """Predict ``table`` (id, boneage, male, path), write metrics, figures and report.
+                   data_dir: str | Path | None = None, tta: int = 1,
+                   mc_samples: int = 0, heatmaps: bool = True) -> EvaluationResult:
+    """Predict ``table`` (id, boneage, male, path) with a model or an ensemble (a list),
+    write metrics, predictions, figures and report.
 
-    Images come from a prepared cache of ``data_dir`` when one fits the model."""
+    Images come from a prepared cache of ``data_dir`` when one fits the model. With
+    ``tta`` > 1 the metrics also hold MAE without TTA; with ``mc_samples`` > 1 or
+    several models, per-image std and 90% intervals and their calibration."""
+    from .plots import plot_calibration
     from .report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, keras.Model):
-        model = KerasPredictor(model)
-    pre = model.preprocessing
-    reader = reader_for(table, data_dir, pre["image_size"], pre["resize"], cache_dir)
-    predicted = predict_paths(model, table["path"].tolist(), table["male"].to_numpy(),
-                              reader=reader)
-    preds = predictions_table(table, predicted, tolerance_months)
+    members = as_members(model)
+    readers = [reader_for(table, data_dir, m.preprocessing["image_size"],
+                          m.preprocessing["resize"], cache_dir) for m in members]
+    prediction = predict_images(members, table["path"].tolist(), table["male"].to_numpy(),
+                                tta=tta, mc_samples=mc_samples, reader=readers)
+    preds = predictions_table(table, prediction, tolerance_months)
     metrics = full_report(preds["boneage"], preds["predicted"], preds["male"],
                           tolerance_months)
+    metrics.update(_extra_metrics(preds, prediction, tta, mc_samples, tolerance_months))
     metrics["title"] = title
     preds.to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -240,7 +187,12 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                                  tolerance_months))
     files.append(plot_error_histogram(preds["error"], out_dir / FIGURES[2]))
     files.append(plot_bland_altman(preds["boneage"], preds["predicted"], out_dir / FIGURES[3]))
-    files.append(_example_figure(table, preds, out_dir / FIGURES[4]))
+    explainer = next((m for m in members if isinstance(m, KerasPredictor)), None)
+    files.append(_example_figure(table, preds, out_dir / FIGURES[4],
+                                 explainer if heatmaps else None))
+    if "uncertainty" in metrics:
+        files.append(plot_calibration(metrics["uncertainty"], np.abs(preds["error"]),
+                                      preds["std"], out_dir / "calibration.png"))
     if history_csv is not None and history_csv.is_file():
         files.append(plot_curves(history_csv, out_dir / "curves.png"))
     files.append(write_report(out_dir, metrics, [f for f in files if f.suffix == ".png"],
@@ -271,53 +223,82 @@ def _attach_paths(rows: pd.DataFrame, data_dir: str | Path | None) -> pd.DataFra
     return merged
 
 
-def evaluate_run(run_dir: str | Path, split: str = "auto", data_dir: str | Path | None = None,
-                 out_dir: str | Path | None = None,
-                 tolerance_months: float | None = None) -> EvaluationResult:
-    """Evaluate a run's best.keras on its own split (test if it has one, else val)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "split.csv").is_file():
-        raise ModelFileError(f"{run_dir} is not a run directory (config.yaml and split.csv "
-                             "expected); pass one written by `cli.py train`, or use "
-                             "--model FILE --data-dir DIR.")
-    cfg = load_config(run_dir / "config.yaml")
-    model = open_model(run_dir / "best.keras")
-    rows = _split_rows(run_dir / "split.csv", split)
+def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto",
+                 data_dir: str | Path | None = None, out_dir: str | Path | None = None,
+                 tolerance_months: float | None = None, tta: int = 1,
+                 mc_samples: int = 0) -> EvaluationResult:
+    """Evaluate a run's best.keras on its own split (test if it has one, else val).
+
+    Several run directories form an ensemble, evaluated on the first run's split; every
+    run must have held those images out of its training (same split), else it is an
+    error, since the ensemble's figures would be optimistic."""
+    runs = [Path(r) for r in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
+    for run in runs:
+        if not (run / "config.yaml").is_file() or not (run / "split.csv").is_file():
+            raise ModelFileError(f"{run} is not a run directory (config.yaml and split.csv "
+                                 "expected); pass one written by `cli.py train`, or use "
+                                 "--model FILE --data-dir DIR.")
+    first = runs[0]
+    cfg = load_config(first / "config.yaml")
+    rows = _split_rows(first / "split.csv", split)
+    for run in runs[1:]:
+        _check_held_out(rows, run)
+    models = [KerasPredictor(open_model(run / "best.keras"), run.name) for run in runs]
     table = _attach_paths(rows, data_dir or cfg.data.data_dir)
     tolerance = tolerance_months or cfg.train.tolerance_months
-    summary = {"run": str(run_dir), "split": split, "backbone": cfg.model.backbone,
-               "image_size": cfg.data.image_size, "weights": cfg.model.weights,
-               "use_sex": cfg.model.use_sex, "epochs": cfg.train.epochs,
-               "loss": cfg.train.loss, "learning_rate": cfg.train.learning_rate}
-    return evaluate_table(model, table, Path(out_dir) if out_dir else run_dir, tolerance,
-                          title=f"{run_dir.name} ({split})", config_summary=summary,
-                          history_csv=run_dir / "history.csv",
+    summary = {"run": ", ".join(map(str, runs)), "split": split,
+               "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
+               "weights": cfg.model.weights, "use_sex": cfg.model.use_sex,
+               "epochs": cfg.train.epochs, "loss": cfg.train.loss,
+               "learning_rate": cfg.train.learning_rate, "tta views": tta,
+               "MC dropout samples": mc_samples}
+    if out_dir is None and len(runs) > 1:
+        raise DataError("an ensemble of runs needs --out DIR for its evaluation.")
+    name = first.name if len(runs) == 1 else f"ensemble of {len(runs)} runs"
+    return evaluate_table(models if len(models) > 1 else models[0], table,
+                          Path(out_dir) if out_dir else first, tolerance,
+                          title=f"{name} ({split})", config_summary=summary,
+                          history_csv=first / "history.csv" if len(runs) == 1 else None,
                           cache_dir=cfg.data.cache_dir if cfg.data.use_cache else None,
                           data_dir=(data_dir or cfg.data.data_dir) if cfg.data.use_cache
-                          else None)
+                          else None, tta=tta, mc_samples=mc_samples)
 
 
-def evaluate_model(model_path: str | Path, data_dir: str | Path, split: str = "all",
-                   out_dir: str | Path = "evaluation",
-                   tolerance_months: float = 12.0) -> EvaluationResult:
-    """Evaluate a model (``.keras``, SavedModel or ONNX) on a labelled data folder
-    (``split`` val/test needs the run's split.csv beside the model file)."""
-    model = open_predictor(model_path)
+def _check_held_out(rows: pd.DataFrame, run: Path) -> None:
+    other = pd.read_csv(run / "split.csv", dtype={"id": str})
+    trained = set(other.loc[other["split"] == "train", "id"]) & set(rows["id"])
+    if trained:
+        raise DataError(f"{run} trained on {len(trained)} of the images being evaluated "
+                        f"(e.g. id {min(trained)}): ensemble runs must share the "
+                        "split (same data, data.split, fractions and train.seed).")
+
+
+def evaluate_model(model_path: str | Path | Sequence[str | Path], data_dir: str | Path,
+                   split: str = "all", out_dir: str | Path = "evaluation",
+                   tolerance_months: float = 12.0, tta: int = 1,
+                   mc_samples: int = 0) -> EvaluationResult:
+    """Evaluate a model (``.keras``, SavedModel or ONNX), or an ensemble of them, on a
+    labelled data folder (``split`` val/test needs the run's split.csv beside the
+    first model file)."""
+    paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    members = open_members(paths)
     table, _, _ = load_dataset(data_dir)
     if split != "all":
-        split_csv = Path(model_path).parent / "split.csv"
+        split_csv = Path(paths[0]).parent / "split.csv"
         if not split_csv.is_file():
-            raise DataError(f"--split {split} needs the run's split.csv beside {model_path}; "
+            raise DataError(f"--split {split} needs the run's split.csv beside {paths[0]}; "
                             "none found. Use --split all to evaluate every labelled image.")
         rows = _split_rows(split_csv, split)
         table = rows[["id"]].merge(table, on="id", how="inner")
         if table.empty:
             raise DataError(f"no image of split '{split}' ({split_csv}) is in {data_dir}.")
-    summary = {"model": str(model_path), "data": str(data_dir), "split": split,
-               **model.preprocessing}
-    return evaluate_table(model, table, Path(out_dir), tolerance_months,
-                          title=f"{Path(model_path).name} on {Path(data_dir).name} ({split})",
-                          config_summary=summary, data_dir=data_dir)
+    summary = {"model": ", ".join(map(str, paths)), "data": str(data_dir), "split": split,
+               **members[0].preprocessing, "tta views": tta, "MC dropout samples": mc_samples}
+    name = Path(paths[0]).name if len(paths) == 1 else f"ensemble of {len(paths)} models"
+    return evaluate_table(members if len(members) > 1 else members[0], table, Path(out_dir),
+                          tolerance_months, title=f"{name} on {Path(data_dir).name} ({split})",
+                          config_summary=summary, data_dir=data_dir, tta=tta,
+                          mc_samples=mc_samples)
 
 
 def _parse_sex(value: Any, where: str) -> bool:
@@ -377,13 +358,17 @@ def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def predict_inputs(model_path: str | Path, inputs: Iterable[str | Path],
-                   sex: str | None = None, output: str | Path | None = None,
-                   progress: bool = True) -> pd.DataFrame:
-    """Predict bone age for images/folders/test CSVs; optionally write a CSV."""
-    model = open_predictor(model_path)
+def predict_inputs(model_path: str | Path | Sequence[str | Path],
+                   inputs: Iterable[str | Path], sex: str | None = None,
+                   output: str | Path | None = None, progress: bool = True, tta: int = 1,
+                   mc_samples: int = 0) -> pd.DataFrame:
+    """Predict bone age for images/folders/test CSVs with a model or an ensemble;
+    optionally write a CSV. Columns: id, [male], predicted, and with TTA, several
+    models or MC samples: predicted_no_tta, member_K, std, lower90, upper90."""
+    paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    members = open_members(paths)
     table = collect_inputs(inputs, sex)
-    use_sex = model.preprocessing["use_sex"]
+    use_sex = any(m.preprocessing["use_sex"] for m in members)
     male = None
     if use_sex:
         unknown = table["male"].isna()
@@ -392,10 +377,12 @@ def predict_inputs(model_path: str | Path, inputs: Iterable[str | Path],
                             f"{table.loc[unknown, 'id'].iloc[0]} (use --sex M|F or a CSV "
                             "with a Sex column).")
         male = table["male"].astype(bool).to_numpy()
-    predicted = predict_paths(model, table["path"].tolist(), male, progress=progress)
-    result = pd.DataFrame({"id": table["id"], "predicted": predicted})
+    prediction = predict_images(members, table["path"].tolist(), male, tta=tta,
+                                mc_samples=mc_samples, progress=progress)
+    result = pd.DataFrame({"id": table["id"], "predicted": prediction.predicted})
     if use_sex:
         result.insert(1, "male", male)
+    result = pd.concat([result, extra_columns(prediction)], axis=1)
     if output is not None:
         result.to_csv(output, index=False)
     return result

@@ -136,3 +136,43 @@ def paired_bootstrap_mae(abs_error_a: np.ndarray, abs_error_b: np.ndarray,
             "ci_high": float(high), "confidence": confidence,
             "n_resamples": int(n_resamples), "seed": int(seed),
             "fraction_b_worse": float(np.mean(diffs > 0))}
+
+
+NOMINAL_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def interval_calibration(y_true: np.ndarray, y_pred: np.ndarray, std: np.ndarray,
+                         level: float = 0.9, slack: float = 0.03) -> dict[str, Any]:
+    """How honest are Gaussian intervals ``pred +- z * std``?
+
+    Coverage (fraction of true ages inside) and mean width of the ``level`` interval,
+    coverage at every nominal level in ``NOMINAL_LEVELS`` (the calibration curve), the
+    factor by which std would have to be scaled for exactly ``level`` coverage, and a
+    verdict: over-confident (too narrow, coverage < level - slack), under-confident
+    (too wide) or calibrated.
+    """
+    from scipy.stats import norm
+
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    std = np.maximum(np.asarray(std, dtype=np.float64), 1e-9)
+    z_score = np.abs(y_true - y_pred) / std
+
+    def coverage(p: float) -> float:
+        return float(np.mean(z_score <= norm.ppf(0.5 + p / 2)))
+
+    z = norm.ppf(0.5 + level / 2)
+    covered = coverage(level)
+    if covered < level - slack:
+        verdict = "over-confident (intervals too narrow)"
+    elif covered > level + slack:
+        verdict = "under-confident (intervals too wide)"
+    else:
+        verdict = "calibrated"
+    return {"level": level, "coverage": covered, "mean_width": float(np.mean(2 * z * std)),
+            "mean_std": float(np.mean(std)),
+            "scale_for_nominal": float(np.quantile(z_score, level) / z),
+            "error_std_correlation": float(np.corrcoef(np.abs(y_true - y_pred), std)[0, 1])
+            if len(std) > 1 and np.std(std) > 0 else None,
+            "verdict": verdict,
+            "curve": {f"{p:g}": coverage(p) for p in NOMINAL_LEVELS}}

@@ -109,21 +109,86 @@ def plot_bland_altman(y_true, y_pred, out_png) -> Path:
 
 def plot_examples(images, captions, n_columns: int, out_png,
                   title: str = "Best (top) and worst (bottom) predictions",
-                  row_labels=("best", "worst")) -> Path:
-    """A grid of gray images in rows of ``n_columns``, each with its caption."""
+                  row_labels=("best", "worst"), heatmaps=None) -> Path:
+    """A grid of gray images in rows of ``n_columns``, each with its caption; with
+    ``heatmaps`` (one per image, 0-1), each image row gains a Grad-CAM overlay row."""
     n_rows = max(1, (len(images) + n_columns - 1) // n_columns)
-    fig, axes = plt.subplots(n_rows, n_columns, figsize=(2.2 * n_columns, 2.6 * n_rows),
-                             squeeze=False)
+    per_row = 2 if heatmaps is not None else 1
+    fig, axes = plt.subplots(n_rows * per_row, n_columns,
+                             figsize=(2.2 * n_columns, 2.6 * n_rows * per_row), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for k, (image, caption) in enumerate(zip(images, captions)):
-        ax = axes[k // n_columns][k % n_columns]
-        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(caption, fontsize=8)
+        row, col = (k // n_columns) * per_row, k % n_columns
+        axes[row][col].imshow(image.squeeze(), cmap="gray", vmin=0, vmax=255)
+        axes[row][col].set_title(caption, fontsize=8)
+        if heatmaps is not None:
+            _overlay(axes[row + 1][col], image, heatmaps[k])
     for r, label in enumerate(row_labels[:n_rows]):
-        axes[r][0].text(-0.1, 0.5, label, transform=axes[r][0].transAxes, rotation=90,
-                        va="center", ha="right", fontsize=10)
+        labels = [label] + (["Grad-CAM"] if heatmaps is not None else [])
+        for j, text in enumerate(labels):
+            ax = axes[r * per_row + j][0]
+            ax.text(-0.1, 0.5, text, transform=ax.transAxes, rotation=90, va="center",
+                    ha="right", fontsize=10)
     fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def _overlay(ax, image, heatmap, alpha: float = 0.45) -> None:
+    import numpy as np
+
+    image = np.asarray(image, dtype=float).squeeze()
+    heat = np.asarray(heatmap, dtype=float).squeeze()
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0, vmax=1,
+              extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+    ax.axis("off")
+
+
+def plot_heatmap(image, heatmap, out_png, title: str = "") -> Path:
+    """One radiograph beside its Grad-CAM overlay."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    axes[0].imshow(image.squeeze(), cmap="gray", vmin=0, vmax=255)
+    axes[0].axis("off")
+    axes[0].set_title("radiograph")
+    _overlay(axes[1], image, heatmap)
+    axes[1].set_title("Grad-CAM (last conv block)")
+    fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def plot_calibration(calibration: dict, abs_error, std, out_png) -> Path:
+    """Left: coverage of the predictive intervals vs their nominal level (the diagonal
+    is perfect calibration). Right: |error| vs predicted std with the 90% boundary."""
+    import numpy as np
+
+    curve = calibration["curve"]
+    nominal = [float(k) for k in curve]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.plot([0, 1], [0, 1], color="black", lw=1, label="perfect calibration")
+    left.plot(nominal, list(curve.values()), marker="o", color="tab:blue",
+              label="observed coverage")
+    left.fill_between([0, 1], [0, 1], [0, 0], color="tab:red", alpha=0.06)
+    left.text(0.62, 0.12, "over-confident\n(too narrow)", color="tab:red", fontsize=9)
+    left.text(0.08, 0.82, "under-confident\n(too wide)", color="tab:green", fontsize=9)
+    level = calibration["level"]
+    left.set_title(f"{level:.0%} interval: coverage {calibration['coverage']:.1%}, "
+                   f"mean width {calibration['mean_width']:.1f} mo")
+    left.set_xlabel("nominal coverage")
+    left.set_ylabel("fraction of true ages inside")
+    left.set_xlim(0, 1)
+    left.set_ylim(0, 1)
+    left.grid(alpha=0.3)
+    left.legend(loc="lower right", fontsize=8)
+    std = np.asarray(std, float)
+    right.scatter(std, abs_error, s=10, alpha=0.5)
+    line = np.linspace(0, float(std.max()) * 1.05 if len(std) else 1, 50)
+    right.plot(line, 1.645 * line, color="tab:red", label="90% interval edge (1.645 std)")
+    right.set_xlabel("predicted std (months)")
+    right.set_ylabel("|error| (months)")
+    right.set_title(calibration["verdict"])
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
     return _save(fig, out_png)
 
 

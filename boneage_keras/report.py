@@ -32,6 +32,37 @@ def _group_rows(groups: dict[str, dict[str, Any]]) -> list[list[Any]]:
              g.get("tolerance_accuracy", "-")] for name, g in groups.items()]
 
 
+def _extras(metrics: dict[str, Any], tol: float) -> list[str]:
+    """Sections for test-time augmentation, ensembles and predictive uncertainty."""
+    parts = []
+    if "tta" in metrics:
+        t = metrics["tta"]
+        parts += [f"<h3>Test-time augmentation ({t['views']} views)</h3>",
+                  _table(["", "MAE"], [["with TTA", t["mae"]],
+                                       ["without TTA (identity view)", t["mae_without_tta"]]])]
+    if "ensemble" in metrics:
+        members = metrics["ensemble"]["members"]
+        parts += [f"<h3>Ensemble of {len(members)} models</h3>",
+                  _table(["model", "MAE", "RMSE", "R²", f"±{tol:g} mo accuracy"],
+                         [[m["model"], m["mae"], m["rmse"], m["r2"], m["tolerance_accuracy"]]
+                          for m in members]
+                         + [["ensemble (mean)", metrics["mae"], metrics["rmse"],
+                             metrics["r2"], metrics["tolerance_accuracy"]]])]
+    if "uncertainty" in metrics:
+        u = metrics["uncertainty"]
+        parts += ["<h3>Uncertainty</h3>",
+                  (f"<p>Per-image standard deviation from {html.escape(u['source'])}; "
+                  f"interval = prediction ± 1.645 std. On these images the intervals are "
+                  f"<b>{html.escape(u['verdict'])}</b>: to cover {u['level']:.0%} they "
+                  f"would need to be {u['scale_for_nominal']:.2f} times as wide.</p>"),
+                  _table([f"{u['level']:.0%} coverage", "mean width (months)", "mean std",
+                          "corr(|error|, std)"],
+                         [[u["coverage"], u["mean_width"], u["mean_std"],
+                           "-" if u["error_std_correlation"] is None
+                           else u["error_std_correlation"]]])]
+    return parts
+
+
 def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[Path],
                  config_summary: dict[str, Any]) -> Path:
     """Write ``report.html`` into ``out_dir`` with every figure inlined as PNG data."""
@@ -51,6 +82,7 @@ def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[Path]
              "<h3>By sex</h3>",
              _table(["sex", "n", "MAE", "bias", f"±{tol:g} mo accuracy"],
                     _group_rows(metrics["by_sex"])),
+             *_extras(metrics, tol),
              "<h2>Figures</h2>"]
     for figure in figures:
         data = base64.b64encode(Path(figure).read_bytes()).decode("ascii")

@@ -15,13 +15,16 @@ from boneage_keras.export import ExportError, export_model
 IDS = ("1378", "1379", "1380", "1381", "1382", "1383")
 
 
-@pytest.fixture(scope="module", params=["torch", "tensorflow"])
+@pytest.fixture(scope="module", params=[("torch", False), ("tensorflow", True)],
+                ids=["torch", "tensorflow-sex"])
 def exported(request, tmp_path_factory, bulk_dir):
     """A tiny model trained on the given backend, then exported (all formats) via the CLI
-    under the torch backend (so the TF-trained one crosses backends too)."""
-    backend = request.param
+    under the torch backend (so the TF-trained one crosses backends too). The
+    TensorFlow-trained one takes the patient's sex as a second input."""
+    backend, use_sex = request.param
     root = tmp_path_factory.mktemp(f"export-{backend}")
     run_cli(["train", "--data-dir", str(bulk_dir), "--set", "data.max_images=64",
+             "--set", f"model.use_sex={str(use_sex).lower()}",
              "--set", "data.image_size=48", "--set", "model.backbone=resnet18",
              "--set", "model.weights=none", "--set", "train.epochs=1",
              "--set", f"train.output_dir={root}", "--set", "train.run_name=run"],
@@ -39,19 +42,24 @@ def _in_fresh_process(code: str, backend: str = "tensorflow") -> np.ndarray:
     return np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def test_all_formats_agree(exported, bulk_dir):
+def test_all_formats_agree(exported, bulk_dir, sample_dir):
     deploy = exported / "deploy"
     assert {p.name for p in deploy.iterdir()} == {"model.keras", "savedmodel", "model.onnx",
                                                   "model.json"}
     meta = json.loads((deploy / "model.json").read_text())
-    assert meta["input_size"] == 48 and meta["channels"] == 1 and meta["use_sex"] is False
+    use_sex = meta["use_sex"]
+    assert meta["input_size"] == 48 and meta["channels"] == 1
     assert meta["preprocessing"]["resize"] == "pad" and meta["training"]["epochs"] == 1
     paths = [str(bulk_dir / "images" / f"{i}.png") for i in IDS]
+    male = np.ones((len(paths), 1), "float32")      # all male: what --sex M gives
+    np.save(exported / "male.npy", male)
+    inputs = "{'image': x, 'male': np.load(r'%s')}" % (exported / "male.npy") if use_sex \
+        else "x"
     load = ("import json, numpy as np; from boneage_keras.images import load_image;"
             f"x = np.stack([load_image(p, 48) for p in {paths!r}]).astype('float32');")
     keras_code = load + ("from boneage_keras.model import load_model;"
                          f"m = load_model(r'{deploy / 'model.keras'}');"
-                         "print(json.dumps(m.predict(x, verbose=0).ravel().tolist()))")
+                         f"print(json.dumps(m.predict({inputs}, verbose=0).ravel().tolist()))")
     under_torch = _in_fresh_process(keras_code, "torch")
     under_tf = _in_fresh_process(keras_code, "tensorflow")
     # plain TensorFlow, no boneage_keras import: float and raw uint8 signatures
@@ -62,31 +70,54 @@ def test_all_formats_agree(exported, bulk_dir):
                   for a in pixels])[..., None].astype("float32")
     np.save(exported / "x.npy", x)
     np.save(exported / "raw.npy", np.stack(pixels)[..., None])
+    sex = f", male=tf.constant(np.load(r'{exported / 'male.npy'}'))" if use_sex else ""
     saved = _in_fresh_process(
         "import json, sys, numpy as np, tensorflow as tf;"
         f"sm = tf.saved_model.load(r'{deploy / 'savedmodel'}');"
         "assert 'boneage_keras' not in sys.modules;"
         f"x = np.load(r'{exported / 'x.npy'}'); raw = np.load(r'{exported / 'raw.npy'}');"
-        "a = sm.signatures['preprocessed'](image=tf.constant(x))['boneage'].numpy().ravel();"
-        "b = sm.signatures['serving_default'](images=tf.constant(raw))['boneage'];"
-        "print(json.dumps([a.tolist(), b.numpy().ravel().tolist()]))")
+        f"a = sm.signatures['preprocessed'](image=tf.constant(x){sex})['boneage'];"
+        f"b = sm.signatures['serving_default'](images=tf.constant(raw){sex})['boneage'];"
+        "print(json.dumps([a.numpy().ravel().tolist(), b.numpy().ravel().tolist()]))")
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(deploy / "model.onnx"))
     assert session.get_outputs()[0].name == "boneage"
-    onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0].ravel()
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == (2 if use_sex else 1)
+    feeds = {names[0]: x, **({names[1]: male} if use_sex else {})}
+    onnx_out = session.run(None, feeds)[0].ravel()
     # the 100 px images are square, so pad == stretch and PIL's resize is our pipeline
     np.testing.assert_allclose(under_tf, under_torch, atol=0.01)
     np.testing.assert_allclose(saved[0], under_torch, atol=0.01)
     np.testing.assert_allclose(onnx_out, under_torch, atol=0.01)
     # the raw signature resizes inside the graph (TF's antialiased bilinear, not PIL's)
     np.testing.assert_allclose(saved[1], under_torch, atol=1.0)
-    # predict accepts the SavedModel folder and the ONNX file
+    if use_sex:   # the second input is used: female changes the prediction
+        female = session.run(None, {names[0]: x, names[1]: 0 * male})[0].ravel()
+        assert np.abs(female - onnx_out).max() > 1e-4
+    # predict accepts the SavedModel folder and the ONNX file (--sex for this model)
+    sex_args = ["--sex", "M"] if use_sex else []
     for model in (deploy / "savedmodel", deploy / "model.onnx"):
         out = exported / f"{model.name}.csv"
-        run_cli(["predict", "--model", str(model), "--output", str(out), *paths])
-        predicted = np.loadtxt(out, delimiter=",", skiprows=1, usecols=1)
+        run_cli(["predict", "--model", str(model), "--output", str(out), *sex_args, *paths])
+        predicted = np.loadtxt(out, delimiter=",", skiprows=1,
+                               usecols=2 if use_sex else 1)
         np.testing.assert_allclose(predicted, under_torch, atol=0.01)
+    if use_sex:   # no sex given to a model that needs it: a clear error, no default
+        proc = run_cli(["predict", "--model", str(deploy / "model.onnx"), paths[0]],
+                       check=False)
+        assert proc.returncode == 2 and "needs the patient's sex" in proc.stderr
+    # evaluate (the labels' male column feeds the sex input) and compare, on the 60
+    # full-size radiographs: .keras and ONNX give the same metrics
+    for model, name in ((deploy / "model.keras", "keras"), (deploy / "model.onnx", "onnx")):
+        run_cli(["evaluate", "--model", str(model), "--data-dir", str(sample_dir),
+                 "--out", str(exported / f"eval-{name}")])
+    metrics = json.loads((exported / "eval-onnx" / "metrics.json").read_text())
+    assert metrics["n"] == 60
+    proc = run_cli(["compare", str(exported / "eval-keras"), str(exported / "eval-onnx")])
+    assert "n=60" in proc.stdout
+    assert abs(float(proc.stdout.split("B-A=")[1].split()[0])) < 0.01
 
 
 def test_export_refuses_and_cleans_up(exported, tmp_path):

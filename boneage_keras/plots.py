@@ -169,8 +169,8 @@ def plot_calibration(calibration: dict, abs_error, std, out_png) -> Path:
     left.plot(nominal, list(curve.values()), marker="o", color="tab:blue",
               label="observed coverage")
     left.fill_between([0, 1], [0, 1], [0, 0], color="tab:red", alpha=0.06)
-    left.text(0.62, 0.12, "over-confident\n(too narrow)", color="tab:red", fontsize=9)
-    left.text(0.08, 0.82, "under-confident\n(too wide)", color="tab:green", fontsize=9)
+    left.text(0.55, 0.3, "over-confident\n(too narrow)", color="tab:red", fontsize=9)
+    left.text(0.08, 0.62, "under-confident\n(too wide)", color="tab:green", fontsize=9)
     level = calibration["level"]
     left.set_title(f"{level:.0%} interval: coverage {calibration['coverage']:.1%}, "
                    f"mean width {calibration['mean_width']:.1f} mo")
@@ -179,7 +179,7 @@ def plot_calibration(calibration: dict, abs_error, std, out_png) -> Path:
     left.set_xlim(0, 1)
     left.set_ylim(0, 1)
     left.grid(alpha=0.3)
-    left.legend(loc="lower right", fontsize=8)
+    left.legend(loc="upper left", fontsize=8)
     std = np.asarray(std, float)
     right.scatter(std, abs_error, s=10, alpha=0.5)
     line = np.linspace(0, float(std.max()) * 1.05 if len(std) else 1, 50)

@@ -104,6 +104,12 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
         predicted = np.loadtxt(out, delimiter=",", skiprows=1,
                                usecols=2 if use_sex else 1)
         np.testing.assert_allclose(predicted, under_torch, atol=0.01)
+    if not use_sex:   # a model without the sex input ignores --sex
+        out = exported / "ignored.csv"
+        run_cli(["predict", "--model", str(deploy / "model.onnx"), "--output", str(out),
+                 "--sex", "F", *paths])
+        ignored = np.loadtxt(out, delimiter=",", skiprows=1, usecols=1)
+        np.testing.assert_allclose(ignored, under_torch, atol=0.01)
     if use_sex:   # no sex given to a model that needs it: a clear error, no default
         proc = run_cli(["predict", "--model", str(deploy / "model.onnx"), paths[0]],
                        check=False)

@@ -56,6 +56,8 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
     ``train_on_batch`` on the same model and batch."""
     import tensorflow as tf
 
+    from .loaders import PREFETCH_BATCHES, pipeline_options
+
     size, batch = cfg.data.image_size, cfg.train.batch_size
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
@@ -64,7 +66,8 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
         keras.mixed_precision.set_global_policy(mixed_precision_policy())
     try:
         model = compile_model(build_model(cfg), cfg)
-        data = tf.data.Dataset.from_tensors((x, y)).repeat(steps).cache().prefetch(2)
+        data = (tf.data.Dataset.from_tensors((x, y)).repeat(steps).cache()
+                .with_options(pipeline_options()).prefetch(PREFETCH_BATCHES))
         callbacks = [StopOnSignal()]   # not installed: only its per-batch hook
         for _ in range(warmup):
             model.train_on_batch(x, y)

@@ -33,7 +33,7 @@ def test_cli_train_writes_complete_run(tmp_path, bulk_dir, backend, loader):
     # ResNet50 with tf.data; the smaller ResNet18 with PyDataset keeps the suite short
     backbone = "resnet50" if loader == "tfdata" else "resnet18"
     proc = run_cli(["train", "--config", "configs/default.yaml", "--data-dir", str(bulk_dir),
-                    "--set", "data.max_images=96", "--set", "data.image_size=64",
+                    "--set", "data.max_images=96", "--set", "data.image_size=32",
                     "--set", f"model.backbone={backbone}",
                     "--set", "model.weights=none", "--set", "train.epochs=2",
                     "--set", "train.batch_size=16", "--set", f"data.loader={loader}",
@@ -56,7 +56,7 @@ def test_cli_train_writes_complete_run(tmp_path, bulk_dir, backend, loader):
     # best.keras reloads in a fresh process (tfdata runs: on the other backend too)
     code = ("import numpy as np; from boneage_keras.model import load_model;"
             f"m = load_model(r'{run / 'best.keras'}');"
-            "p = m.predict(np.random.uniform(0, 255, (4, 64, 64, 1)), verbose=0);"
+            "p = m.predict(np.random.uniform(0, 255, (4, 32, 32, 1)), verbose=0);"
             "assert np.isfinite(p).all() and p.shape == (4, 1), p; print(float(p.mean()))")
     other = "tensorflow" if backend == "torch" else "torch"
     for b in (backend, other) if loader == "tfdata" else (backend,):

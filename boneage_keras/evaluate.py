@@ -41,7 +41,12 @@ from .inference import (
     open_model,
     predict_images,
 )
-from .metrics import full_report, interval_calibration, paired_bootstrap_mae
+from .metrics import (
+    full_report,
+    interval_calibration,
+    paired_bootstrap_mae,
+    regression_report,
+)
 from .plots import (
     plot_age_groups,
     plot_bland_altman,
@@ -64,26 +69,23 @@ class EvaluationResult:
     files: list[Path]
 
 
-def predictions_table(table: pd.DataFrame, predicted: np.ndarray | Prediction,
+def predictions_table(table: pd.DataFrame, prediction: Prediction,
                       tolerance_months: float) -> pd.DataFrame:
-    """id, male, boneage, predicted, error, within_tolerance; with a :class:`Prediction`
-    also predicted_no_tta (TTA), member_K (ensembles), std, lower90, upper90."""
-    point = predicted.predicted if isinstance(predicted, Prediction) else predicted
-    error = point - table["boneage"].to_numpy(np.float64)
+    """id, male, boneage, predicted, error, within_tolerance, then predicted_no_tta (TTA),
+    member_K (ensembles), std, lower90, upper90 where they apply."""
+    error = prediction.predicted - table["boneage"].to_numpy(np.float64)
     preds = pd.DataFrame({
         "id": table["id"].to_numpy(), "male": table["male"].to_numpy(bool),
-        "boneage": table["boneage"].to_numpy(np.float64), "predicted": point,
+        "boneage": table["boneage"].to_numpy(np.float64), "predicted": prediction.predicted,
         "error": error, "within_tolerance": np.abs(error) <= tolerance_months,
     })
-    if isinstance(predicted, Prediction):
-        preds = pd.concat([preds, extra_columns(predicted)], axis=1)
-    return preds
+    return pd.concat([preds, extra_columns(prediction)], axis=1)
 
 
-def extra_columns(prediction: Prediction, tta: bool = True) -> pd.DataFrame:
+def extra_columns(prediction: Prediction) -> pd.DataFrame:
     """The TTA, ensemble and uncertainty columns of predictions tables."""
     extra: dict[str, np.ndarray] = {}
-    if tta and not np.array_equal(prediction.no_tta, prediction.predicted):
+    if prediction.views > 1:
         extra["predicted_no_tta"] = prediction.no_tta
     if len(prediction.members) > 1:
         for k, member in enumerate(prediction.members):
@@ -106,32 +108,23 @@ def _example_figure(table: pd.DataFrame, preds: pd.DataFrame, out_png: Path,
                         f"{row['predicted']:.0f}")
     heatmaps = None
     if explainer is not None:
-        from .explain import grad_cam
+        from .explain import grad_cam, resize_maps
 
         pre = explainer.preprocessing
         inputs = np.stack([load_image(table["path"].iloc[i], pre["image_size"],
                                       pre["resize"], pre["crop"]) for i in chosen])
         male = table["male"].to_numpy(np.float32)[chosen] if pre["use_sex"] else None
         cams, _ = grad_cam(explainer.model, inputs.astype(np.float32), male)
-        heatmaps = [_resize_map(c, 160) for c in cams]
+        heatmaps = list(resize_maps(cams, (160, 160)))
     return plot_examples(images, captions, k, out_png, heatmaps=heatmaps)
 
 
-def _resize_map(cam: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(cam.astype(np.float32)).resize((size, size),
-                                                                      Image.BILINEAR))
-
-
-def _extra_metrics(preds: pd.DataFrame, prediction: Prediction, tta: int,
-                   mc_samples: int, tolerance_months: float) -> dict[str, Any]:
-    from .metrics import regression_report
-
+def _extra_metrics(preds: pd.DataFrame, prediction: Prediction, mc_samples: int,
+                   tolerance_months: float) -> dict[str, Any]:
     truth = preds["boneage"].to_numpy(np.float64)
     extra: dict[str, Any] = {}
-    if tta > 1:
-        extra["tta"] = {"views": tta,
+    if prediction.views > 1:
+        extra["tta"] = {"views": prediction.views,
                         "mae": float(np.mean(np.abs(prediction.predicted - truth))),
                         "mae_without_tta": float(np.mean(np.abs(prediction.no_tta - truth)))}
     if len(prediction.members) > 1:
@@ -158,7 +151,7 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                    history_csv: Path | None = None,
                    cache_dir: str | Path | None = None,
                    data_dir: str | Path | None = None, tta: int = 1,
-                   mc_samples: int = 0, heatmaps: bool = True) -> EvaluationResult:
+                   mc_samples: int = 0) -> EvaluationResult:
     """Predict ``table`` (id, boneage, male, path) with a model or an ensemble (a list),
     write metrics, predictions, figures and report.
 
@@ -177,7 +170,7 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
     preds = predictions_table(table, prediction, tolerance_months)
     metrics = full_report(preds["boneage"], preds["predicted"], preds["male"],
                           tolerance_months)
-    metrics.update(_extra_metrics(preds, prediction, tta, mc_samples, tolerance_months))
+    metrics.update(_extra_metrics(preds, prediction, mc_samples, tolerance_months))
     metrics["title"] = title
     preds.to_csv(out_dir / "predictions.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -188,8 +181,7 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
     files.append(plot_error_histogram(preds["error"], out_dir / FIGURES[2]))
     files.append(plot_bland_altman(preds["boneage"], preds["predicted"], out_dir / FIGURES[3]))
     explainer = next((m for m in members if isinstance(m, KerasPredictor)), None)
-    files.append(_example_figure(table, preds, out_dir / FIGURES[4],
-                                 explainer if heatmaps else None))
+    files.append(_example_figure(table, preds, out_dir / FIGURES[4], explainer))
     if "uncertainty" in metrics:
         files.append(plot_calibration(metrics["uncertainty"], np.abs(preds["error"]),
                                       preds["std"], out_dir / "calibration.png"))
@@ -358,6 +350,19 @@ def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def sex_column(table: pd.DataFrame, use_sex: bool) -> np.ndarray | None:
+    """The ``male`` column of a :func:`collect_inputs` table for a model that takes the
+    sex (None for one that does not); a missing value is an error, never a default."""
+    if not use_sex:
+        return None
+    unknown = table["male"].isna()
+    if unknown.any():
+        raise DataError(f"this model needs the patient's sex; none given for "
+                        f"{table.loc[unknown, 'id'].iloc[0]} (use --sex M|F or a CSV "
+                        "with a Sex column).")
+    return table["male"].astype(bool).to_numpy()
+
+
 def predict_inputs(model_path: str | Path | Sequence[str | Path],
                    inputs: Iterable[str | Path], sex: str | None = None,
                    output: str | Path | None = None, progress: bool = True, tta: int = 1,
@@ -369,14 +374,7 @@ def predict_inputs(model_path: str | Path | Sequence[str | Path],
     members = open_members(paths)
     table = collect_inputs(inputs, sex)
     use_sex = any(m.preprocessing["use_sex"] for m in members)
-    male = None
-    if use_sex:
-        unknown = table["male"].isna()
-        if unknown.any():
-            raise DataError(f"this model needs the patient's sex; none given for "
-                            f"{table.loc[unknown, 'id'].iloc[0]} (use --sex M|F or a CSV "
-                            "with a Sex column).")
-        male = table["male"].astype(bool).to_numpy()
+    male = sex_column(table, use_sex)
     prediction = predict_images(members, table["path"].tolist(), male, tta=tta,
                                 mc_samples=mc_samples, progress=progress)
     result = pd.DataFrame({"id": table["id"], "predicted": prediction.predicted})

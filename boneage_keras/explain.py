@@ -121,11 +121,12 @@ def grad_cam(model: keras.Model, images: np.ndarray, male: np.ndarray | None = N
     cam = np.abs(cam) if mode == "abs" else np.maximum(cam, 0.0)
     peak = cam.max(axis=(1, 2), keepdims=True)
     cam = np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0)
-    return (_resize(cam, images.shape[1:3]),
+    return (resize_maps(cam, images.shape[1:3]),
             np.asarray(ops.convert_to_numpy(months), np.float64).reshape(-1))
 
 
-def _resize(cams: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def resize_maps(cams: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (B, h, w) maps to (B, *shape), clipped to 0..1."""
     from PIL import Image
 
     return np.stack([np.asarray(Image.fromarray(c.astype(np.float32)).resize(
@@ -137,7 +138,7 @@ def explain_images(model_path: str | Path, inputs: Iterable[str | Path],
                    batch_size: int = 16) -> pd.DataFrame:
     """Write ``<id>_gradcam.png`` overlays, ``gradcam_grid.png`` and ``heatmaps.npz``
     (id -> map) for images/folders/test CSVs; returns id, predicted, figure."""
-    from .evaluate import collect_inputs
+    from .evaluate import collect_inputs, sex_column
     from .plots import plot_examples, plot_heatmap
 
     predictor = open_predictor(model_path)
@@ -148,13 +149,7 @@ def explain_images(model_path: str | Path, inputs: Iterable[str | Path],
     model = predictor.model
     table = collect_inputs(inputs, sex)
     pre = predictor.preprocessing
-    male = None
-    if pre["use_sex"]:
-        if table["male"].isna().any():
-            raise DataError("this model needs the patient's sex; none given for "
-                            f"{table.loc[table['male'].isna(), 'id'].iloc[0]} (use --sex "
-                            "M|F or a CSV with a Sex column).")
-        male = table["male"].astype(bool).to_numpy()
+    male = sex_column(table, pre["use_sex"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, maps, shown = [], {}, []

@@ -232,6 +232,7 @@ class Prediction:
     members: np.ndarray
     no_tta: np.ndarray
     names: list[str]
+    views: int = 1
     std: np.ndarray | None = None
 
     @property
@@ -299,18 +300,12 @@ def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = N
     members_pred = np.stack(point).astype(np.float64)
     std = None
     if variance or len(members) > 1:
-        total_var = np.mean(variance, axis=0) if variance else 0.0
+        total_var = np.zeros(members_pred.shape[1])
+        if variance:
+            total_var += np.mean(variance, axis=0)
         if len(members) > 1:
-            total_var = total_var + np.var(members_pred, axis=0, ddof=1)
-        std = np.sqrt(total_var) * np.ones(members_pred.shape[1])
+            total_var += np.var(members_pred, axis=0, ddof=1)
+        std = np.sqrt(total_var)
     return Prediction(members_pred.mean(axis=0), members_pred,
                       np.stack(identity).astype(np.float64).mean(axis=0),
-                      [m.name for m in members], std)
-
-
-def predict_paths(model: Any, paths: Sequence[str], male: np.ndarray | None = None,
-                  batch_size: int = 32, progress: bool = True,
-                  reader: Callable[..., np.ndarray] = load_image) -> np.ndarray:
-    """Bone age (months) for each image file: the plain point prediction."""
-    return predict_images(model, paths, male, batch_size=batch_size, progress=progress,
-                          reader=reader).predicted
+                      [m.name for m in members], tta, std)

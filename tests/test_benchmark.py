@@ -31,7 +31,11 @@ def test_benchmark_reports_without_and_with_sex(tmp_path, bulk_dir):
     assert "use_sex: true" in config
     assert "image+sex" in proc.stdout and "MAE TTA2" in proc.stdout
     assert f"{rows['image']['val_mae']:.2f}" in proc.stdout
+    assert "step - loss:" in proc.stdout     # the training progress the rerun must not show
+    models = [tmp_path / "bench" / name / "best.keras" for name in ("image", "image+sex")]
+    written = [m.stat().st_mtime_ns for m in models]
     again = run_cli(args)   # finished variants are reused, not retrained
-    assert "Epoch 1/1" not in again.stdout + again.stderr
+    assert "step - loss:" not in again.stdout + again.stderr
+    assert [m.stat().st_mtime_ns for m in models] == written
     assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["rows"][0][
         "train_seconds"] is None

@@ -24,11 +24,11 @@ class FriendlyGroup(click.Group):
     """Turns the package's input errors into one clear message and exit code 2."""
 
     def invoke(self, ctx: click.Context):
-        from boneage_keras.errors import user_errors
+        from boneage_keras.errors import BoneAgeError
 
         try:
             return super().invoke(ctx)
-        except user_errors() as err:
+        except BoneAgeError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
 
@@ -39,28 +39,38 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              default="configs/default.yaml", show_default=True, help="YAML config file.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config file (default: configs/default.yaml; not with --resume, "
+                   "the run holds its config).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Data folder (Kaggle or flat layout); default ./data/rsna-bone-age, "
                    "else download with kagglehub.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set train.epochs=3 (repeatable).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
-              help="Continue an interrupted run directory.")
-def train(config_path: str, data_dir: str | None, overrides: tuple[str, ...],
+              help="Continue a run directory from its last finished epoch; with --set "
+                   "train.epochs=N, extend a finished run to N epochs.")
+def train(config_path: str | None, data_dir: str | None, overrides: tuple[str, ...],
           resume_dir: str | None) -> None:
     """Train a model and write a run directory (config, split, history, best.keras)."""
     _setup_logging(True)
     from boneage_keras.config import load_config
+    from boneage_keras.train import resume
     from boneage_keras.train import train as run_training
 
     sets = list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else [])
-    cfg = load_config(config_path, sets)
-    result = run_training(cfg, resume_dir=resume_dir,
-                          verbose=1 if sys.stdout.isatty() else 2)
+    verbose = 1 if sys.stdout.isatty() else 2
+    if resume_dir is not None:
+        if config_path is not None:
+            raise click.UsageError("--resume continues a run with the config it holds; "
+                                   "drop --config (use --set train.epochs=N to extend).")
+        result = resume(resume_dir, sets, verbose=verbose)
+    else:
+        cfg = load_config(config_path or "configs/default.yaml", sets)
+        result = run_training(cfg, verbose=verbose)
     click.echo(f"run directory: {result.run_dir}")
-    click.echo("best validation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.best.items()))
+    click.echo(f"best epoch {result.best_epoch} (in best.keras): " + ", ".join(
+        f"{k}={v:.4f}" for k, v in result.best.items()))
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -306,6 +316,8 @@ def export(source, formats, out_dir, overwrite) -> None:
     meta = export_model(source, formats, out_dir, overwrite)
     click.echo(f"exported {', '.join(meta['formats'])} to {out_dir} (input "
                f"{meta['input_size']}x{meta['input_size']}x1, sex input: {meta['use_sex']})")
+    for name, why in meta.get("skipped", {}).items():
+        click.echo(f"skipped {name}: {why}")
 
 
 if __name__ == "__main__":

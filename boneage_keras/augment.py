@@ -1,117 +1,263 @@
-"""Training-time augmentation built from keras-cv layers, plus salt-and-pepper noise.
+"""Training-time augmentation from the config, on one of two engines.
 
-The stack runs inside the input pipeline on float32 batches with values 0-255 and
-shape (batch, size, size, 1), never inside the model, so validation, evaluation and
-exported models see untouched images. keras-cv layers compute with TensorFlow ops,
-so they run in tf.data on any Keras backend.
+One table (``STAGES``) maps each ``augment`` config key to its layer and to the layer's
+arguments, in application order; both engines build from it, so a key means the same
+on both (rotation in degrees, brightness as a fraction of the 0-255 range, ...):
 
-    >>> augment = build_augmenter(cfg.augment, image_size=224)
-    >>> batch = augment(batch)          # tf.data map or eager, same result semantics
+* ``keras-cv`` (the design card's path): keras-cv layers, TensorFlow ops, run inside
+  the tf.data pipeline (or a PyDataset through ``tf.function``). Needs TensorFlow.
+* ``keras``: Keras 3 core preprocessing layers (``keras.layers.RandomFlip``, ...) plus
+  our :class:`SaltAndPepper` on ``keras.random``, computed by the active backend (torch,
+  JAX or TensorFlow) on the CPU, in the PyDataset's worker threads. No TensorFlow.
+
+``augment.engine: auto`` picks ``keras-cv`` where TensorFlow and keras-cv import, else
+``keras``. Every layer gets its own seed, derived from ``train.seed`` and the layer's
+place in the table, so the layers' random draws are independent (one shared seed would
+tie them: a flipped image would always rotate the same way). The ``keras`` engine
+draws each batch from a seed of (epoch, batch), so its augmentation is reproducible
+whatever the worker threads' timing, and a resumed run continues with new draws.
+
+Images are float32 batches (batch, size, size, 1) with values 0-255; geometric stages
+fill uncovered pixels with black, like the radiograph background. Augmentation never
+runs inside the model: validation, evaluation and exported models see untouched images.
+
+    >>> augmenter = build_augmenter(cfg.augment, image_size=224, seed=42, engine="keras")
+    >>> batch = augmenter.augment_batch(images, epoch=0, batch=7)     # numpy in and out
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import keras
-import keras_cv
-import tensorflow as tf
-from keras_cv.layers import VectorizedBaseImageAugmentationLayer
+import numpy as np
+from keras import ops
 
-from .config import AugmentConfig
+from .config import AugmentConfig, ConfigError
 
 VALUE_RANGE = (0.0, 255.0)
+ENGINES = ("keras-cv", "keras")
+FILL = {"fill_mode": "constant", "fill_value": 0.0}
+BLUR_KERNEL = 5
+BLUR_SIGMA = (0.1, 1.5)
+
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow and keras-cv can be imported here (without importing them)."""
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("tensorflow", "keras_cv"))
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto`` -> ``keras-cv`` where TensorFlow is importable, else ``keras``; an
+    explicit ``keras-cv`` without TensorFlow is a clear error."""
+    if engine == "auto":
+        return "keras-cv" if tensorflow_available() else "keras"
+    if engine == "keras-cv" and not tensorflow_available():
+        raise ConfigError("config key 'augment.engine': 'keras-cv' needs TensorFlow and "
+                          "keras-cv, which are not installed here: pip install tensorflow "
+                          "keras-cv, or set augment.engine=keras (Keras core layers).")
+    if engine not in ENGINES:
+        raise ConfigError(f"config key 'augment.engine': got {engine!r}, expected auto, "
+                          + " or ".join(ENGINES) + ".")
+    return engine
+
+
+def layer_seed(*parts: int) -> int:
+    """A well-mixed 31-bit seed from non-negative integers (seed, stage, epoch, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]
+               & 0x7FFFFFFF)
 
 
 @keras.saving.register_keras_serializable(package="boneage_keras")
-class SaltAndPepper(VectorizedBaseImageAugmentationLayer):
-    """Set a random fraction of pixels to black or white (half each).
-
-    The fraction is drawn per image, uniformly from ``fraction=(low, high)``.
-    """
+class SaltAndPepper(keras.layers.Layer):
+    """Set a random fraction of pixels to black or white (half each), with
+    ``keras.random`` on any backend. The fraction is drawn per image, uniformly from
+    ``fraction=(low, high)``."""
 
     def __init__(self, fraction=(0.03, 0.08), value_range=VALUE_RANGE, seed=None,
-                 **kwargs):
-        super().__init__(seed=seed, **kwargs)
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.fraction = tuple(float(f) for f in fraction)
         self.value_range = tuple(float(v) for v in value_range)
         self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
 
-    def get_random_transformation_batch(self, batch_size, **kwargs):
-        return self._random_generator.uniform(
-            shape=(batch_size, 1, 1, 1), minval=self.fraction[0], maxval=self.fraction[1]
-        )
-
-    def augment_images(self, images, transformations, **kwargs):
-        noise = self._random_generator.uniform(shape=tf.shape(images))
-        fractions = tf.cast(transformations, images.dtype)
+    def call(self, images, training=True):
+        if not training:
+            return images
+        shape = ops.shape(images)
+        fractions = keras.random.uniform((shape[0], 1, 1, 1), self.fraction[0],
+                                         self.fraction[1], seed=self.generator,
+                                         dtype=images.dtype)
+        noise = keras.random.uniform(shape, seed=self.generator, dtype=images.dtype)
         low, high = self.value_range
-        images = tf.where(noise < fractions / 2, tf.cast(high, images.dtype), images)
-        return tf.where(noise > 1 - fractions / 2, tf.cast(low, images.dtype), images)
+        images = ops.where(noise < fractions / 2, ops.cast(high, images.dtype), images)
+        return ops.where(noise > 1 - fractions / 2, ops.cast(low, images.dtype), images)
 
-    def augment_labels(self, labels, transformations, **kwargs):
-        return labels
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
-    def get_config(self):
-        config = super().get_config()
-        config.update({"fraction": self.fraction, "value_range": self.value_range,
-                       "seed": self.seed})
-        return config
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "fraction": self.fraction,
+                "value_range": self.value_range, "seed": self.seed}
 
 
-def build_layers(cfg: AugmentConfig, image_size: int,
-                 seed: int | None = None) -> list[keras.layers.Layer]:
-    """The configured keras-cv layers, in application order (empty: no augmentation)."""
-    fill = {"fill_mode": "constant", "fill_value": 0.0}
-    layers: list[keras.layers.Layer] = []
-    if cfg.random_crop:
-        layers.append(keras_cv.layers.RandomCrop(image_size, image_size, seed=seed))
-    if cfg.horizontal_flip:
-        layers.append(keras_cv.layers.RandomFlip("horizontal", seed=seed))
-    if cfg.rotation_degrees:
-        layers.append(keras_cv.layers.RandomRotation(cfg.rotation_degrees / 360.0,
-                                                     seed=seed, **fill))
-    if cfg.translation:
-        layers.append(keras_cv.layers.RandomTranslation(cfg.translation, cfg.translation,
-                                                        seed=seed, **fill))
-    if cfg.scale and tuple(cfg.scale) != (1.0, 1.0):
-        low, high = cfg.scale
-        # keras-cv zoom factor z shows the image at scale 1/(1+z); z<0 zooms in.
-        zoom = (1.0 / high - 1.0, 1.0 / low - 1.0)
-        layers.append(keras_cv.layers.RandomZoom(zoom, seed=seed, **fill))
-    if cfg.shear:
-        layers.append(keras_cv.layers.RandomShear(cfg.shear, cfg.shear, seed=seed, **fill))
-    if cfg.brightness:
-        layers.append(keras_cv.layers.RandomBrightness(cfg.brightness,
-                                                       value_range=VALUE_RANGE, seed=seed))
-    if cfg.contrast and tuple(cfg.contrast) != (1.0, 1.0):
-        low, high = cfg.contrast
-        layers.append(keras_cv.layers.RandomContrast(VALUE_RANGE, (1.0 - low, high - 1.0),
-                                                     seed=seed))
-    if cfg.blur_probability:
-        blur = keras_cv.layers.RandomGaussianBlur(kernel_size=5, factor=(0.1, 1.5),
-                                                  seed=seed)
-        layers.append(keras_cv.layers.RandomApply(blur, rate=cfg.blur_probability,
-                                                  seed=seed))
-    if cfg.salt_pepper and cfg.salt_pepper[1] > 0:
-        layers.append(SaltAndPepper(tuple(cfg.salt_pepper), seed=seed))
-    return layers
+# --- the table: config key -> layer arguments (None: stage off) ----------------------
 
 
-def build_augmenter(cfg: AugmentConfig, image_size: int,
-                    seed: int | None = None) -> Callable[[tf.Tensor], tf.Tensor] | None:
-    """A function batch -> augmented batch (float32, 0-255), or None if all stages are off.
+def _random_crop(cfg: AugmentConfig, size: int) -> dict | None:
+    return {"height": size, "width": size} if cfg.random_crop else None
 
-    Geometric stages fill uncovered pixels with black, like the radiograph background.
-    """
-    layers = build_layers(cfg, image_size, seed)
-    if not layers:
+
+def _flip(cfg: AugmentConfig, size: int) -> dict | None:
+    return {"mode": "horizontal"} if cfg.horizontal_flip else None
+
+
+def _rotation(cfg: AugmentConfig, size: int) -> dict | None:
+    # both engines: factor is a fraction of a full turn, angle in [-factor, factor]
+    return {"factor": cfg.rotation_degrees / 360.0, **FILL} if cfg.rotation_degrees else None
+
+
+def _translation(cfg: AugmentConfig, size: int) -> dict | None:
+    t = cfg.translation
+    return {"height_factor": t, "width_factor": t, **FILL} if t else None
+
+
+def _zoom(cfg: AugmentConfig, size: int) -> dict | None:
+    if not cfg.scale or tuple(cfg.scale) == (1.0, 1.0):
         return None
+    low, high = cfg.scale
+    # zoom factor z shows the image at scale 1/(1+z): z < 0 zooms in
+    return {"height_factor": (1.0 / high - 1.0, 1.0 / low - 1.0), **FILL}
 
-    def augment(images):
-        images = tf.cast(images, tf.float32)
-        for layer in layers:
-            images = layer(images)
-        return tf.clip_by_value(tf.convert_to_tensor(images), *VALUE_RANGE)
 
-    return augment
+def _shear(cfg: AugmentConfig, size: int) -> dict | None:
+    return {"x_factor": cfg.shear, "y_factor": cfg.shear, **FILL} if cfg.shear else None
+
+
+def _brightness(cfg: AugmentConfig, size: int) -> dict | None:
+    # additive: delta = factor * 255, factor uniform in [-brightness, brightness]
+    return {"factor": cfg.brightness, "value_range": VALUE_RANGE} if cfg.brightness else None
+
+
+def _contrast(cfg: AugmentConfig, size: int) -> dict | None:
+    if not cfg.contrast or tuple(cfg.contrast) == (1.0, 1.0):
+        return None
+    low, high = cfg.contrast
+    return {"factor": (1.0 - low, high - 1.0), "value_range": VALUE_RANGE}
+
+
+def _blur(cfg: AugmentConfig, size: int) -> dict | None:
+    p = cfg.blur_probability
+    return {"probability": p, "kernel_size": BLUR_KERNEL, "sigma": BLUR_SIGMA} if p else None
+
+
+def _salt_pepper(cfg: AugmentConfig, size: int) -> dict | None:
+    sp = cfg.salt_pepper
+    return {"fraction": tuple(sp), "value_range": VALUE_RANGE} if sp and sp[1] > 0 else None
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str                                            # augment.<key> in the config
+    layer: str                                          # class name in both engines
+    arguments: Callable[[AugmentConfig, int], dict | None]
+
+
+STAGES = (
+    Stage("random_crop", "RandomCrop", _random_crop),
+    Stage("horizontal_flip", "RandomFlip", _flip),
+    Stage("rotation_degrees", "RandomRotation", _rotation),
+    Stage("translation", "RandomTranslation", _translation),
+    Stage("scale", "RandomZoom", _zoom),
+    Stage("shear", "RandomShear", _shear),
+    Stage("brightness", "RandomBrightness", _brightness),
+    Stage("contrast", "RandomContrast", _contrast),
+    Stage("blur_probability", "RandomGaussianBlur", _blur),
+    Stage("salt_pepper", "SaltAndPepper", _salt_pepper),
+)
+
+
+def active_stages(cfg: AugmentConfig, image_size: int) -> list[tuple[int, Stage, dict]]:
+    """(table index, stage, arguments) of every stage the config switches on."""
+    out = []
+    for index, stage in enumerate(STAGES):
+        arguments = stage.arguments(cfg, image_size)
+        if arguments is not None:
+            out.append((index, stage, arguments))
+    return out
+
+
+def keras_layer(stage: Stage, arguments: dict, seed: int) -> keras.layers.Layer:
+    """The Keras 3 core layer of a stage (float32 whatever the global dtype policy)."""
+    if stage.layer == "SaltAndPepper":
+        return SaltAndPepper(seed=seed, dtype="float32", **arguments)
+    if stage.layer == "RandomGaussianBlur":
+        # Keras: factor = range of the probability to blur, sigma = blur strength
+        p = arguments["probability"]
+        return keras.layers.RandomGaussianBlur(
+            factor=(p, p), kernel_size=arguments["kernel_size"], sigma=arguments["sigma"],
+            value_range=VALUE_RANGE, seed=seed, dtype="float32")
+    return getattr(keras.layers, stage.layer)(seed=seed, dtype="float32", **arguments)
+
+
+class Augmenter:
+    """The configured stages on one engine.
+
+    ``augment_batch(images, epoch, batch)`` (numpy in, numpy out) is what a PyDataset
+    worker calls; ``tf_function`` (keras-cv only) is what a tf.data map calls.
+    ``seed`` and ``start_epoch`` seed the layers: a resumed run passes the epoch it
+    starts at, so its draws differ from those of the epochs before it.
+    """
+
+    def __init__(self, cfg: AugmentConfig, image_size: int, engine: str, seed: int,
+                 start_epoch: int = 0) -> None:
+        self.engine = engine
+        self.seed = seed
+        self.stages = active_stages(cfg, image_size)
+        self.tf_function: Callable | None = None
+        self._traced: Callable | None = None
+        if engine == "keras-cv":
+            from .augment_kerascv import build_stack
+
+            self.tf_function = build_stack(
+                [(stage, arguments, layer_seed(seed, start_epoch, index))
+                 for index, stage, arguments in self.stages], VALUE_RANGE)
+
+    @property
+    def keys(self) -> list[str]:
+        return [stage.key for _, stage, _ in self.stages]
+
+    def keras_layers(self, epoch: int, batch: int) -> list[keras.layers.Layer]:
+        """Fresh Keras-engine layers seeded from (seed, epoch, batch, stage)."""
+        return [keras_layer(stage, arguments, layer_seed(self.seed, epoch, batch, index))
+                for index, stage, arguments in self.stages]
+
+    def augment_batch(self, images: np.ndarray, epoch: int = 0, batch: int = 0) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        if self.engine == "keras-cv":
+            if self._traced is None:
+                import tensorflow as tf
+
+                spec = tf.TensorSpec([None, None, None, 1], tf.float32)
+                self._traced = tf.function(self.tf_function, input_signature=[spec])
+            return self._traced(images).numpy()
+        with keras.device("cpu"):
+            x = ops.convert_to_tensor(images)
+            for layer in self.keras_layers(epoch, batch):
+                x = layer(x, training=True)
+            return np.asarray(ops.convert_to_numpy(ops.clip(x, *VALUE_RANGE)), np.float32)
+
+
+def build_augmenter(cfg: AugmentConfig, image_size: int, seed: int = 0,
+                    engine: str | None = None, start_epoch: int = 0) -> Augmenter | None:
+    """The augmenter for ``cfg`` (engine from ``cfg.engine`` unless given), or None if
+    every stage is off."""
+    if not active_stages(cfg, image_size):
+        return None
+    return Augmenter(cfg, image_size, resolve_engine(engine or cfg.engine), seed,
+                     start_epoch)

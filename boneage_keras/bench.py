@@ -6,10 +6,12 @@ and the training step (our ``fit`` vs a bare ``train_on_batch``) on the active b
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import keras
@@ -29,6 +31,17 @@ def _repeat_table(table: pd.DataFrame, n: int) -> pd.DataFrame:
     return pd.concat([table] * reps, ignore_index=True).head(n)
 
 
+def iterate(data: Any) -> Any:
+    """Batches of a loader as ``fit`` would draw them: a PyDataset through worker
+    threads (``data.workers``), a tf.data dataset as it is."""
+    if not isinstance(data, keras.utils.PyDataset):
+        yield from data
+        return
+    data.on_epoch_begin()
+    with ThreadPoolExecutor(max(1, data.workers)) as pool:
+        yield from pool.map(data.__getitem__, range(len(data)))
+
+
 def pipeline_throughput(table: pd.DataFrame, cfg: Config, augment: bool,
                         reader: Any = load_image) -> float:
     """Images per second delivered by the configured loader over ``table`` (one pass)."""
@@ -36,28 +49,42 @@ def pipeline_throughput(table: pd.DataFrame, cfg: Config, augment: bool,
 
     data = make_loader(table, cfg, training=augment, reader=reader)
     count = 0
-    if cfg.data.loader == "pydataset":
-        # the same worker-thread prefetching Keras uses inside fit
-        from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
-
-        iterator = PyDatasetAdapter(data, shuffle=False).get_numpy_iterator()
-    else:
-        iterator = iter(data)
     start = time.perf_counter()
-    for x, y in iterator:
+    for _, y in iterate(data):
         count += len(y)
     return count / (time.perf_counter() - start)
 
 
+def pipeline_variants() -> list[tuple[str, tuple[str, ...]]]:
+    """(loader, augmentation engines) pairs that run here: tf.data with keras-cv and
+    the PyDataset with each engine where TensorFlow is installed, else the PyDataset
+    with the Keras engine."""
+    from .augment import tensorflow_available
+
+    if tensorflow_available():
+        return [("tfdata", ("keras-cv",)), ("pydataset", ("keras-cv", "keras"))]
+    return [("pydataset", ("keras",))]
+
+
+class _SameBatch(keras.utils.PyDataset):
+    """One batch, ``steps`` times: the fit path without TensorFlow."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, steps: int) -> None:
+        super().__init__()
+        self.x, self.y, self.steps = x, y, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.x, self.y
+
+
 def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
                rounds: int = 3) -> dict[str, Any]:
-    """ms per training step: our path (``model.fit`` over a tf.data dataset, as the
-    default loader feeds it, with the per-batch callback ``train`` adds) vs a bare
-    ``train_on_batch`` on the same model and batch."""
-    import tensorflow as tf
-
-    from .loaders import PREFETCH_BATCHES, pipeline_options
-
+    """ms per training step: our path (``model.fit`` with the per-batch callback
+    ``train`` adds, over a tf.data dataset where TensorFlow is installed, else a
+    PyDataset) vs a bare ``train_on_batch`` on the same model and batch."""
     size, batch = cfg.data.image_size, cfg.train.batch_size
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
@@ -66,12 +93,24 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
         keras.mixed_precision.set_global_policy(mixed_precision_policy())
     try:
         model = compile_model(build_model(cfg), cfg)
-        data = (tf.data.Dataset.from_tensors((x, y)).repeat(steps).cache()
-                .with_options(pipeline_options()).prefetch(PREFETCH_BATCHES))
+        if importlib.util.find_spec("tensorflow") is not None:
+            from .loaders import (
+                PREFETCH_BATCHES,
+                pipeline_options,
+                tensorflow_for_input,
+            )
+
+            tf = tensorflow_for_input()
+            data = (tf.data.Dataset.from_tensors((x, y)).repeat(steps).cache()
+                    .with_options(pipeline_options()).prefetch(PREFETCH_BATCHES))
+            warm, fit_input = data.take(warmup), "tf.data"
+        else:
+            data, warm, fit_input = _SameBatch(x, y, steps), _SameBatch(x, y, warmup), \
+                "PyDataset"
         callbacks = [StopOnSignal()]   # not installed: only its per-batch hook
         for _ in range(warmup):
             model.train_on_batch(x, y)
-        model.fit(data.take(warmup), verbose=0, callbacks=callbacks)
+        model.fit(warm, verbose=0, callbacks=callbacks)
         bare, fitted = [], []
         for _ in range(rounds):   # alternate, so drifts hit both alike; report medians
             _sync()
@@ -89,6 +128,7 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
     tob, fit = float(np.median(bare)), float(np.median(fitted))
     return {"train_on_batch_ms": 1000 * tob, "fit_ms": 1000 * fit,
             "fit_over_train_on_batch": fit / tob, "images_per_s": batch / fit,
+            "fit_input": fit_input,
             "rounds_train_on_batch_ms": [round(1000 * b, 1) for b in bare],
             "rounds_fit_ms": [round(1000 * f, 1) for f in fitted]}
 
@@ -103,17 +143,26 @@ def _sync() -> None:
 
 def _peak_memory() -> dict[str, float]:
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if keras.backend.backend() == "torch":
+    backend = keras.backend.backend()
+    if backend == "torch":
         import torch
 
         if torch.cuda.is_available():
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    elif backend == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["peak_gpu_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
 
 
 def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
               steps: int = 10, pipelines: bool = True, training: bool = True) -> dict[str, Any]:
-    """All figures as one dict (what ``cli.py bench`` prints)."""
+    """All figures as one dict (what ``cli.py bench`` prints). Pretrained weights do
+    not change the timing, so the model is built without them (nothing to download)."""
+    cfg.model.weights = None
     result: dict[str, Any] = {
         "backend": keras.backend.backend(), "gpu": gpu_available(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -130,12 +179,15 @@ def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
         if cache is not None:
             sources[f"cache{cache.size}"] = cache.load
         figures = {}
-        for loader in ("tfdata", "pydataset"):
+        for loader, engines in pipeline_variants():
             cfg.data.loader = loader
             for name, reader in sources.items():
-                for augment in (False, True):
-                    key = f"{loader}/{name}/{'augmented' if augment else 'plain'}"
-                    figures[key] = round(pipeline_throughput(table, cfg, augment, reader), 1)
+                figures[f"{loader}/{name}/plain"] = round(
+                    pipeline_throughput(table, cfg, False, reader), 1)
+                for engine in engines:
+                    cfg.augment.engine = engine
+                    figures[f"{loader}/{name}/{engine}"] = round(
+                        pipeline_throughput(table, cfg, True, reader), 1)
         result["pipeline_images_per_s"] = figures
         # decoding the originals one image at a time, no pipeline: the reference
         start = time.perf_counter()

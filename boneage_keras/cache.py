@@ -26,12 +26,13 @@ import numpy as np
 import pandas as pd
 
 from .data import load_dataset
+from .errors import BoneAgeError
 from .images import center_crop, decode_size, load_image, read_gray, resize_gray
 
 log = logging.getLogger(__name__)
 
 
-class CacheError(RuntimeError):
+class CacheError(BoneAgeError, RuntimeError):
     """The cache cannot be written where asked; the message says where to put it instead."""
 CACHE_DIRNAME = ".boneage-cache"
 CHUNK = 256

@@ -15,6 +15,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import BoneAgeError
+
 BACKBONES = ("resnet50", "resnet18", "efficientnetb0", "inceptionv3")
 
 
-class ConfigError(ValueError):
+class ConfigError(BoneAgeError, ValueError):
     """A config file or override is invalid; the message says which key and why."""
 
 
@@ -42,7 +45,8 @@ class DataConfig:
     test_fraction: float = 0.0
     max_images: int | None = None  # use a seeded random subset (quick experiments)
     strict: bool = False  # unreadable images are errors instead of skipped
-    loader: Literal["tfdata", "pydataset"] = "tfdata"
+    age_range: list[float] = field(default_factory=lambda: [0.0, 240.0])  # months kept
+    loader: Literal["auto", "tfdata", "pydataset"] = "auto"  # auto: tfdata if TF imports
     workers: int = 2
     use_cache: bool = True  # read a `cli.py prepare` cache when one fits
     cache_dir: str | None = None  # None: <data_dir>/.boneage-cache
@@ -62,6 +66,7 @@ class AugmentConfig:
     blur_probability: float = 0.0
     salt_pepper: list[float] | None = None  # fraction of pixels, e.g. [0.03, 0.08]
     random_crop: bool = False  # crop image_size from a 1/0.875 larger resize
+    engine: Literal["auto", "keras-cv", "keras"] = "auto"  # auto: keras-cv if TF imports
 
 
 @dataclass
@@ -198,17 +203,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    """Checks that need more than a type: ranges and combinations."""
+    """Ranges and combinations: every numeric key has one, named in the message."""
     d, a, m, t = cfg.data, cfg.augment, cfg.model, cfg.train
 
     def check(ok: bool, key: str, value: Any, allowed: str) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}.")
 
+    def finite(x: Any) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
     check(d.image_size >= 32, "data.image_size", d.image_size, "an integer >= 32")
-    check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "0 < x < 1")
+    check(finite(d.val_fraction) and 0 < d.val_fraction < 1, "data.val_fraction",
+          d.val_fraction, "0 < x < 1")
     check(
-        0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+        finite(d.test_fraction) and 0 <= d.test_fraction < 1
+        and d.val_fraction + d.test_fraction < 1,
         "data.test_fraction",
         d.test_fraction,
         "0 <= x < 1 with val_fraction + test_fraction < 1",
@@ -216,21 +226,46 @@ def _validate(cfg: Config) -> None:
     check(d.max_images is None or d.max_images >= 10, "data.max_images", d.max_images,
           "null or an integer >= 10")
     check(d.workers >= 1, "data.workers", d.workers, "an integer >= 1")
+    check(len(d.age_range) == 2 and all(map(finite, d.age_range))
+          and 0 <= d.age_range[0] < d.age_range[1], "data.age_range", d.age_range,
+          "[low, high] months with 0 <= low < high (RSNA: [0, 240])")
+    check(finite(a.rotation_degrees) and 0 <= a.rotation_degrees <= 180,
+          "augment.rotation_degrees", a.rotation_degrees, "0 <= x <= 180 degrees")
+    for key, value in (("augment.translation", a.translation), ("augment.shear", a.shear),
+                       ("augment.brightness", a.brightness)):
+        check(finite(value) and 0 <= value < 1, key, value, "a fraction 0 <= x < 1")
     check(m.backbone in BACKBONES, "model.backbone", m.backbone, "one of " + ", ".join(BACKBONES))
-    check(0 <= m.dropout < 1, "model.dropout", m.dropout, "0 <= x < 1")
+    check(finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "0 <= x < 1")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
-    check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
-    check(t.tolerance_months > 0, "train.tolerance_months", t.tolerance_months, "a number > 0")
+    check(finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
+          t.learning_rate, "a number > 0")
+    check(finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+          t.weight_decay, "a number >= 0")
+    check(finite(t.min_learning_rate) and 0 <= t.min_learning_rate < t.learning_rate,
+          "train.min_learning_rate", t.min_learning_rate, "0 <= x < train.learning_rate")
+    check(t.cosine_period_epochs is None or t.cosine_period_epochs >= 1,
+          "train.cosine_period_epochs", t.cosine_period_epochs, "null or an integer >= 1")
+    check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", t.warmup_epochs,
+          "an integer 0 <= x < train.epochs")
+    check(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+          "train.early_stopping_patience", t.early_stopping_patience,
+          "null (off) or an integer >= 1")
+    check(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch",
+          t.steps_per_epoch, "null (the whole split) or an integer >= 1")
+    check(finite(t.tolerance_months) and t.tolerance_months > 0, "train.tolerance_months",
+          t.tolerance_months, "a number > 0")
+    check(0 <= t.seed < 2**31, "train.seed", t.seed, "an integer 0 <= x < 2**31")
     for key, rng in (("augment.scale", a.scale), ("augment.contrast", a.contrast)):
-        check(rng is None or (len(rng) == 2 and 0 < rng[0] <= rng[1]), key, rng,
+        check(rng is None or (len(rng) == 2 and all(map(finite, rng))
+                              and 0 < rng[0] <= rng[1]), key, rng,
               "null or [low, high] with 0 < low <= high")
     check(a.salt_pepper is None or (len(a.salt_pepper) == 2
           and 0 <= a.salt_pepper[0] <= a.salt_pepper[1] < 1),
           "augment.salt_pepper", a.salt_pepper, "null or [low, high] fractions in [0, 1)")
-    check(0 <= a.blur_probability <= 1, "augment.blur_probability", a.blur_probability,
-          "a probability in [0, 1]")
+    check(finite(a.blur_probability) and 0 <= a.blur_probability <= 1,
+          "augment.blur_probability", a.blur_probability, "a probability in [0, 1]")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -250,7 +285,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = raw.pop("base", None)
     merged: dict[str, Any] = {}
     if base is not None:
-        merged = _read_yaml(path.parent / str(base), seen + (path,))
+        base_path = path.parent / str(base)
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: its 'base: {base}' names a file that does not "
+                              f"exist ({base_path}); fix the base line (relative to "
+                              f"{path.parent}) or remove it.")
+        merged = _read_yaml(base_path, seen + (path,))
     for section, values in raw.items():
         if section in _SECTION_CLASSES:
             if not isinstance(values, dict):
@@ -321,5 +361,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, source)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what a run directory's config.yaml holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

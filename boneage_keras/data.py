@@ -21,15 +21,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import BoneAgeError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("data") / "rsna-bone-age"
 KAGGLE_DATASET = "kmader/rsna-bone-age"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 AGE_GROUPS = ((0, 60), (61, 120), (121, 180), (181, 240))
+AGE_RANGE = (0.0, 240.0)   # months: the RSNA labels' range (config data.age_range)
 
 
-class DataError(ValueError):
+class DataError(BoneAgeError, ValueError):
     """The data set is missing or malformed; the message says where and how to fix it."""
 
 
@@ -45,6 +48,7 @@ class CleaningReport:
 
     rows_read: int = 0
     bad_label: list[str] = field(default_factory=list)
+    age_out_of_range: list[str] = field(default_factory=list)
     bad_sex: list[str] = field(default_factory=list)
     duplicate_id: list[str] = field(default_factory=list)
     missing_image: list[str] = field(default_factory=list)
@@ -53,8 +57,8 @@ class CleaningReport:
 
     def summary(self) -> str:
         parts = [f"{self.rows_read} rows read"]
-        for name in ("bad_label", "bad_sex", "duplicate_id", "missing_image",
-                     "unreadable_image"):
+        for name in ("bad_label", "age_out_of_range", "bad_sex", "duplicate_id",
+                     "missing_image", "unreadable_image"):
             ids = getattr(self, name)
             if ids:
                 shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
@@ -164,9 +168,13 @@ def image_is_readable(path: Path) -> bool:
 
 
 def clean_table(df: pd.DataFrame, image_dir: Path, check_images: bool = True,
-                strict: bool = False, source: str = "labels") -> tuple[pd.DataFrame,
-                                                                      CleaningReport]:
-    """Drop rows that cannot be trained on, reporting each reason with counts and ids.
+                strict: bool = False, source: str = "labels",
+                age_range: tuple[float, float] | list[float] = AGE_RANGE,
+                ) -> tuple[pd.DataFrame, CleaningReport]:
+    """Drop rows that cannot be trained on, reporting each reason with counts and ids:
+    ages that are missing, not numbers or not finite (``bad_label``), ages outside
+    ``age_range`` months (``age_out_of_range``), unreadable sex, duplicate ids, missing
+    or undecodable images.
 
     With ``strict`` any dropped row is an error instead.
     """
@@ -174,9 +182,13 @@ def clean_table(df: pd.DataFrame, image_dir: Path, check_images: bool = True,
     df = df.copy()
     df["id"] = df["id"].astype(str).str.strip()
     ages = pd.to_numeric(df["boneage"], errors="coerce")
-    bad = ages.isna() | (ages < 0)
+    bad = ages.isna() | ~np.isfinite(ages.fillna(0).to_numpy(np.float64))
     report.bad_label = df.loc[bad, "id"].tolist()
-    df = df.loc[~bad].assign(boneage=ages[~bad].astype(float))
+    df, ages = df.loc[~bad], ages[~bad].astype(float)
+    low, high = age_range
+    outside = (ages < low) | (ages > high)
+    report.age_out_of_range = df.loc[outside, "id"].tolist()
+    df = df.loc[~outside].assign(boneage=ages[~outside])
 
     male = df["male"].map(_parse_male)
     bad = male.isna()
@@ -210,13 +222,16 @@ def clean_table(df: pd.DataFrame, image_dir: Path, check_images: bool = True,
 
 
 def load_dataset(data_dir: str | Path | None, strict: bool = False,
-                 check_images: bool = True) -> tuple[pd.DataFrame, CleaningReport, Path]:
+                 check_images: bool = True,
+                 age_range: tuple[float, float] | list[float] = AGE_RANGE,
+                 ) -> tuple[pd.DataFrame, CleaningReport, Path]:
     """Find, read and clean a data set; returns (table, report, data_dir)."""
     root = resolve_data_dir(data_dir)
     layout = find_layout(root)
     df = read_labels(layout.labels_csv)
     table, report = clean_table(df, layout.image_dir, check_images=check_images,
-                                strict=strict, source=str(layout.labels_csv))
+                                strict=strict, source=str(layout.labels_csv),
+                                age_range=age_range)
     log.info("%s: %s", layout.labels_csv, report.summary())
     return table, report, root
 

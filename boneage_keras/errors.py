@@ -1,16 +1,9 @@
-"""The errors that mean "bad input" (shown to users as one message, not a traceback)."""
+"""The one base class of the errors a user can fix (the ground floor: imports nothing).
 
-from .config import ConfigError
-from .data import DataError
-from .images import ImageError
+Each module's own errors subclass :class:`BoneAgeError`; the command line catches it
+and prints one line (what, where, how to fix) with exit code 2, never a traceback.
+"""
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    from .cache import CacheError
-    from .evaluate import ModelFileError
-    from .export import ExportError
-    from .model import WeightsError
-    from .train import RunDirError, TrainingInterrupted
-
-    return (ConfigError, DataError, ImageError, WeightsError, RunDirError,
-            TrainingInterrupted, ModelFileError, ExportError, CacheError)
+class BoneAgeError(Exception):
+    """Bad input, or a state the user can fix; the message says what and how."""

@@ -1,12 +1,18 @@
-"""Deployment files from a trained model: ``.keras``, TensorFlow SavedModel, ONNX.
+"""Deployment files from a trained model: ``.keras``, ONNX, TensorFlow SavedModel.
 
     >>> export_model("runs/x", ["all"], "deploy/x")
-    deploy/x/model.keras  model.json  savedmodel/  model.onnx
+    deploy/x/model.keras  model.json  model.onnx  savedmodel/
 
-The SavedModel and ONNX files are written under the TensorFlow backend. From another
-backend (torch), the backend-agnostic ``.keras`` file is loaded in a child process
-with ``KERAS_BACKEND=tensorflow`` and exported there, so one command works everywhere
-(Keras' own torch->SavedModel route needs torch_xla).
+* ``keras``: the model without optimizer state; no TensorFlow needed.
+* ``onnx`` (the preprocessed signature, dynamic batch; input ``image`` [, ``male``],
+  output ``boneage``): on the torch backend through Keras' own
+  ``model.export(format="onnx")`` (torch.onnx), no TensorFlow needed; on TensorFlow
+  through tf2onnx; on JAX through a TensorFlow child process where TensorFlow is
+  installed (Keras' JAX route needs jax2onnx).
+* ``savedmodel`` needs TensorFlow: from another backend the backend-agnostic
+  ``.keras`` file is loaded in a child process with ``KERAS_BACKEND=tensorflow`` and
+  exported there (Keras' own torch->SavedModel route needs torch_xla).
+* ``all``: every format this machine can write; what it cannot is named and skipped.
 
 SavedModel signatures (see the README):
   serving_default  images uint8 [batch, height, width, 1] (any size; padding/resizing
@@ -14,9 +20,11 @@ SavedModel signatures (see the README):
                    -> boneage float32 [batch, 1] (months)
   preprocessed     image float32 [batch, S, S, 1] (0-255, already resized)
                    [, male float32 [batch, 1]] -> boneage float32 [batch, 1]
-ONNX: the preprocessed signature, dynamic batch.
+
 Everything is first written to a hidden folder next to the output and renamed into
-place at the end: a failed export leaves nothing behind.
+place at the end: a failed export leaves nothing behind. ``overwrite`` replaces only
+a folder this command wrote before (its model.json says so), never a run directory,
+one of its parents or the current directory, and nothing that is not an export file.
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .errors import BoneAgeError
+
 FORMATS = ("keras", "savedmodel", "onnx")
 
 
-class ExportError(ValueError):
+class ExportError(BoneAgeError, ValueError):
     """The export cannot be done as asked; the message says why and what to do."""
 
 
@@ -96,32 +106,110 @@ def _metadata(model_path: Path, run_dir: Path | None, formats: list[str]) -> dic
     return meta
 
 
+EXPORT_MARK = "boneage-keras export"
+EXPORT_FILES = ("model.keras", "model.onnx", "model.json", "savedmodel")
+
+
+def _available(wanted_all: bool, formats: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The formats this machine can write, and why each other one cannot."""
+    import importlib.util
+
+    import keras
+
+    missing: dict[str, str] = {}
+    has_tf = importlib.util.find_spec("tensorflow") is not None
+    if "savedmodel" in formats and not has_tf:
+        missing["savedmodel"] = ("the savedmodel format needs TensorFlow, which is not "
+                                 "installed here: pip install tensorflow (the keras and "
+                                 "onnx formats need no TensorFlow)")
+    if "onnx" in formats:
+        backend = keras.backend.backend()
+        needs = ["onnx", "onnxruntime"] + (["tf2onnx"] if backend != "torch" else [])
+        absent = [m for m in needs if importlib.util.find_spec(m) is None]
+        if backend == "jax" and not has_tf:
+            missing["onnx"] = ("ONNX from the JAX backend is written through TensorFlow "
+                               "(tf2onnx), which is not installed here: pip install "
+                               "tensorflow tf2onnx, or export with KERAS_BACKEND=torch")
+        elif absent:
+            missing["onnx"] = (f"the onnx format needs {', '.join(absent)}: pip install "
+                               "'boneage-keras[export]'")
+    if missing and not wanted_all:
+        raise ExportError("; ".join(missing.values()) + ".")
+    return [f for f in formats if f not in missing], missing
+
+
+def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse outputs whose replacement could delete what this command did not write."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ExportError(f"output {out} already exists; choose another --out or pass "
+                          "--overwrite (which replaces a folder written by export only).")
+    resolved = out.resolve()
+    run_dir = source.resolve() if source.is_dir() else source.resolve().parent
+    if resolved == Path.cwd().resolve() or resolved in (run_dir, *run_dir.parents):
+        raise ExportError(f"--out {out} is the current directory, the run directory or one "
+                          "of its parents; --overwrite never replaces those. Choose a new "
+                          "folder, e.g. --out deploy/NAME.")
+    meta = resolved / "model.json"
+    try:
+        written_by = json.loads(meta.read_text()).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        written_by = None
+    if not resolved.is_dir() or written_by != EXPORT_MARK:
+        raise ExportError(f"--out {out} exists and was not written by `cli.py export` (no "
+                          "model.json of an export in it); --overwrite replaces only "
+                          "earlier exports. Choose another --out.")
+    strangers = sorted(p.name for p in resolved.iterdir() if p.name not in EXPORT_FILES)
+    if strangers:
+        raise ExportError(f"--out {out} holds files export did not write ("
+                          + ", ".join(strangers[:5]) + "); move them away or choose "
+                          "another --out: --overwrite deletes only export files.")
+
+
 def export_model(source: str | Path, formats: Iterable[str], out_dir: str | Path,
                  overwrite: bool = False) -> dict[str, Any]:
-    """Export a run directory or ``.keras`` file; returns model.json's content."""
-    wanted = _formats(formats)
+    """Export a run directory or ``.keras`` file; returns model.json's content (its
+    ``skipped`` names formats that ``all`` left out here, and why)."""
+    requested = [f.lower() for f in formats]
+    wanted = _formats(requested)
+    wanted, skipped = _available("all" in requested, wanted)
     model_path, run_dir = _source(source)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ExportError(f"output {out} already exists; choose another --out or pass "
-                          "--overwrite.")
-    if "onnx" in wanted:
-        _require("onnxruntime", "onnx")
-        _require("tf2onnx", "onnx")
+    _check_out(out, Path(source), overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    except OSError as err:
+        raise ExportError(f"cannot write --out {out} ({err.strerror}); choose a writable "
+                          "folder.") from None
     meta = _metadata(model_path, run_dir, wanted)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    meta["written_by"] = EXPORT_MARK
+    if skipped:
+        meta["skipped"] = skipped
     try:
         if "keras" in wanted:
             _save_inference_keras(model_path, partial / "model.keras")
-        tf_formats = [f for f in wanted if f != "keras"]
-        if tf_formats:
-            _export_tf_formats(model_path, partial, tf_formats)
+        if "onnx" in wanted:
+            write_onnx(model_path, partial)
+        if "savedmodel" in wanted:
+            _export_tf_formats(model_path, partial, ["savedmodel"])
         (partial / "model.json").write_text(json.dumps(meta, indent=2))
         if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            partial.rename(out)
+            for name in EXPORT_FILES:
+                target = old / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            old.rmdir()
+        else:
+            partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -137,12 +225,41 @@ def _save_inference_keras(model_path: Path, target: Path) -> None:
     keras.saving.load_model(str(model_path), compile=False).save(str(target))
 
 
-def _require(module: str, fmt: str) -> None:
-    import importlib.util
+def write_onnx(model_path: Path, out: Path) -> None:
+    """``out/model.onnx`` through Keras' own ``model.export(format="onnx")`` on the torch
+    and TensorFlow backends; from JAX, in a TensorFlow child process."""
+    import keras
 
-    if importlib.util.find_spec(module) is None:
-        raise ExportError(f"the {fmt} export needs the '{module}' package, which is not "
-                          f"installed: pip install 'boneage-keras[export]' (or {module}).")
+    if keras.backend.backend() == "jax":
+        _export_tf_formats(model_path, out, ["onnx"])
+    else:
+        keras_onnx(model_path, out / "model.onnx")
+
+
+def keras_onnx(model_path: Path, target: Path) -> None:
+    """ONNX of the preprocessed signature (dynamic batch), output renamed ``boneage``."""
+    import warnings
+
+    import keras
+    import onnx
+
+    from .model import load_model, preprocessing_of
+
+    model = load_model(str(model_path))
+    pre = preprocessing_of(model)
+    size = pre["image_size"]
+    image = keras.InputSpec(shape=(None, size, size, 1), dtype="float32", name="image")
+    signature: list[Any] = [image]
+    if pre["use_sex"]:
+        male = keras.InputSpec(shape=(None, 1), dtype="float32", name="male")
+        signature = [{"image": image, "male": male}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.export(str(target), format="onnx", input_signature=signature,
+                     verbose=False, opset_version=17)
+    proto = onnx.load(str(target))
+    _rename_output(proto, "boneage")
+    onnx.save(proto, str(target))
 
 
 def _export_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
@@ -163,6 +280,10 @@ def _export_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
 
 def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
     """SavedModel and/or ONNX of a ``.keras`` file; needs KERAS_BACKEND=tensorflow."""
+    if "onnx" in formats:
+        keras_onnx(model_path, out / "model.onnx")
+    if "savedmodel" not in formats:
+        return
     import keras
     import tensorflow as tf
 
@@ -193,35 +314,24 @@ def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
         inputs = {"image": x, "male": male} if use_sex else x
         return {"boneage": model(inputs, training=False)}
 
-    if "savedmodel" in formats:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        if use_sex:
-            archive.add_endpoint("serving_default", lambda images, male: run(prepare(images),
-                                                                             male),
-                                 input_signature=[raw_spec, male_spec])
-            archive.add_endpoint("preprocessed", lambda image, male: run(image, male),
-                                 input_signature=[image_spec, male_spec])
-        else:
-            archive.add_endpoint("serving_default", lambda images: run(prepare(images)),
-                                 input_signature=[raw_spec])
-            archive.add_endpoint("preprocessed", lambda image: run(image),
-                                 input_signature=[image_spec])
-        archive.write_out(str(out / "savedmodel"), verbose=False)
-    if "onnx" in formats:
-        import tf2onnx
-        from keras.src.export.tf2onnx_lib import patch_tf2onnx
-
-        patch_tf2onnx()
-        specs = [image_spec, male_spec] if use_sex else [image_spec]
-        fn = tf.function(lambda *args: run(*args)["boneage"], input_signature=specs)
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=specs, opset=17)
-        _rename_output(proto, "boneage")
-        (out / "model.onnx").write_bytes(proto.SerializeToString())
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    if use_sex:
+        archive.add_endpoint("serving_default", lambda images, male: run(prepare(images),
+                                                                         male),
+                             input_signature=[raw_spec, male_spec])
+        archive.add_endpoint("preprocessed", lambda image, male: run(image, male),
+                             input_signature=[image_spec, male_spec])
+    else:
+        archive.add_endpoint("serving_default", lambda images: run(prepare(images)),
+                             input_signature=[raw_spec])
+        archive.add_endpoint("preprocessed", lambda image: run(image),
+                             input_signature=[image_spec])
+    archive.write_out(str(out / "savedmodel"), verbose=False)
 
 
 def _rename_output(proto: Any, name: str) -> None:
-    """Give the ONNX graph's single output a readable name (tf2onnx: 'Identity:0')."""
+    """Give the ONNX graph's single output a readable name (the exporters number it)."""
     old = proto.graph.output[0].name
     for node in proto.graph.node:
         node.output[:] = [name if o == old else o for o in node.output]

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import BoneAgeError
+
 CROP_FRACTION = 0.875
 
 
-class ImageError(ValueError):
+class ImageError(BoneAgeError, ValueError):
     """An image cannot be decoded; the message names the file."""
 
 

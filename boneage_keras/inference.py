@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from .data import DataError
+from .errors import BoneAgeError
 from .images import load_image
 from .model import load_model, preprocessing_of
 
@@ -38,7 +39,7 @@ TTA_VIEWS = ("identity", "flip", "rotate+5", "rotate-5", "shift-right", "shift-l
 SHIFT = 0.04
 
 
-class ModelFileError(ValueError):
+class ModelFileError(BoneAgeError, ValueError):
     """A model file is missing or is not a bone-age model."""
 
 
@@ -68,35 +69,32 @@ class KerasPredictor:
         return np.asarray(keras.ops.convert_to_numpy(out)).reshape(-1)
 
 
+class SamplingDropout(keras.layers.Dropout):
+    """Dropout that also drops at inference: the MC-dropout copy's Dropout layers."""
+
+    def call(self, inputs, training=None):
+        return super().call(inputs, training=True)
+
+
 def dropout_on_copy(model: keras.Model, name: str = "model") -> keras.Model:
     """A copy of ``model`` (same weights) whose Dropout layers drop at inference too.
 
-    Only Dropout is switched: batch normalisation keeps its moving statistics."""
-    copy = keras.models.clone_model(model)
+    Built with ``keras.models.clone_model(clone_function=...)``: each Dropout becomes a
+    :class:`SamplingDropout` with the same rate; every other layer, batch
+    normalisation included, is cloned as it is and keeps inference behaviour."""
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, keras.layers.Dropout) and layer.rate > 0:
+            return SamplingDropout.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    if not any(isinstance(layer, keras.layers.Dropout) and layer.rate > 0
+               for layer in model.layers):
+        raise ModelFileError(f"{name} has no Dropout layer in its head, so MC dropout "
+                             "cannot sample it; use --mc-samples 0, or an ensemble "
+                             "(several --model) for uncertainty.")
+    copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
-    dropouts = [layer for layer in _all_layers(copy)
-                if isinstance(layer, keras.layers.Dropout) and layer.rate > 0]
-    if not dropouts:
-        raise ModelFileError(f"{name} has no Dropout layer, so MC dropout cannot sample "
-                             "it; use --mc-samples 0, or an ensemble (several --model) "
-                             "for uncertainty.")
-    for layer in dropouts:
-        original = layer.call
-
-        def call(inputs, training=None, _original=original):
-            return _original(inputs, training=True)
-
-        layer.call = call
     return copy
-
-
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    found = []
-    for layer in model.layers:
-        found.append(layer)
-        if isinstance(layer, keras.Model):
-            found.extend(_all_layers(layer))
-    return found
 
 
 class SavedModelPredictor:

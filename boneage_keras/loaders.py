@@ -1,9 +1,20 @@
-"""Input pipelines over a cleaned table: ``tfdata`` (default) and ``pydataset``.
+"""Input pipelines over a cleaned table: ``tfdata`` and ``pydataset``.
 
-Both decode with :func:`boneage_keras.images.load_image`, batch, augment training
-batches only, and yield ``(image, boneage)`` or, with ``model.use_sex``,
-``({"image": image, "male": male}, boneage)``; images are float32 0-255 of shape
-(batch, S, S, 1). Either one feeds ``model.fit`` on the torch and TensorFlow backends.
+Both decode with :func:`boneage_keras.images.load_image` (or a prepared cache's
+reader), batch, augment training batches only, and yield ``(image, boneage)`` or, with
+``model.use_sex``, ``({"image": image, "male": male}, boneage)``; images are float32
+0-255 of shape (batch, S, S, 1). Either one feeds ``model.fit`` on every backend.
+
+* ``tfdata`` needs TensorFlow (for input only on the torch and JAX backends: it is
+  then kept off the GPU, see :func:`tensorflow_for_input`), and augments with the
+  keras-cv engine.
+* ``pydataset`` needs no TensorFlow: worker threads decode and augment batches ahead
+  of the model, with either engine.
+* ``auto`` (default) is ``tfdata`` where TensorFlow is installed and the augmentation
+  engine is keras-cv, else ``pydataset``.
+
+The training order and augmentation of epoch ``e`` are drawn from ``train.seed`` and
+``e``: a resumed run (``start_epoch``) gets new shuffles and draws, not epoch 1's again.
 
     >>> train_data = make_loader(train_df, cfg, training=True)
     >>> model.fit(train_data, validation_data=make_loader(val_df, cfg, training=False))
@@ -11,6 +22,8 @@ batches only, and yield ``(image, boneage)`` or, with ``model.use_sex``,
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -19,11 +32,19 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
-from .augment import build_augmenter
-from .config import Config
+from .augment import (
+    Augmenter,
+    active_stages,
+    build_augmenter,
+    layer_seed,
+    resolve_engine,
+)
+from .config import Config, ConfigError
 from .images import decode_size, load_image
+
+log = logging.getLogger(__name__)
+PREFETCH_BATCHES = 2
 
 
 def _pack(images: Any, male: Any, labels: Any, use_sex: bool) -> tuple[Any, Any]:
@@ -38,10 +59,47 @@ def _columns(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             df["boneage"].astype(np.float32).to_numpy())
 
 
-PREFETCH_BATCHES = 2
+def tensorflow_for_input() -> Any:
+    """Import TensorFlow for the input pipeline only.
+
+    When the Keras backend is not TensorFlow, every GPU is hidden from TensorFlow
+    before its first op (as Flax's ImageNet example does), so tf.data never takes GPU
+    memory or a CUDA context from torch or JAX.
+    """
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:   # devices already initialised by an earlier TF op
+            if tf.config.get_visible_devices("GPU"):
+                log.warning("TensorFlow was initialised before the input pipeline and "
+                            "sees the GPU; it may hold GPU memory beside %s",
+                            keras.backend.backend())
+    return tf
 
 
-def pipeline_options(deterministic: bool = True) -> tf.data.Options:
+def resolve_loader(cfg: Config, training: bool = True) -> str:
+    """``data.loader`` with ``auto`` resolved; clear errors for combinations that
+    cannot run here."""
+    loader = cfg.data.loader
+    has_tf = importlib.util.find_spec("tensorflow") is not None
+    augmenting = training and bool(active_stages(cfg.augment, cfg.data.image_size))
+    engine = resolve_engine(cfg.augment.engine) if augmenting else None
+    if loader == "auto":
+        return "tfdata" if has_tf and engine in (None, "keras-cv") else "pydataset"
+    if loader == "tfdata" and not has_tf:
+        raise ConfigError("config key 'data.loader': 'tfdata' needs TensorFlow, which is "
+                          "not installed here: pip install tensorflow, or set "
+                          "data.loader=pydataset (or auto).")
+    if loader == "tfdata" and engine == "keras":
+        raise ConfigError("config key 'augment.engine': 'keras' augments in the pydataset "
+                          "loader's worker threads; set data.loader=pydataset (or auto), "
+                          "or augment.engine=keras-cv for tf.data.")
+    return loader
+
+
+def pipeline_options(deterministic: bool = True) -> Any:
     """tf.data options for every pipeline we build, autotuning off.
 
     Measured (TensorFlow backend, 2-core CPU, ResNet50 64 px batch 16, 10-step epochs):
@@ -51,6 +109,7 @@ def pipeline_options(deterministic: bool = True) -> tf.data.Options:
     fit / train_on_batch = 0.97 over 6 of 6 epochs. Parallelism is set explicitly
     instead: one decode/augment call per CPU core, two batches prefetched.
     """
+    tf = tensorflow_for_input()
     options = tf.data.Options()
     options.deterministic = deterministic
     options.autotune.enabled = False
@@ -62,13 +121,18 @@ def parallel_calls() -> int:
 
 
 def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
-                    augment: Callable | None = None, repeat: bool = False,
-                    reader: Callable[..., np.ndarray] = load_image) -> tf.data.Dataset:
+                    augmenter: Augmenter | None = None, repeat: bool = False,
+                    reader: Callable[..., np.ndarray] = load_image,
+                    start_epoch: int = 0) -> Any:
     """A batched, prefetched tf.data pipeline: parallel decode, then batch augmentation.
 
     ``reader(path, size, resize, crop, center)`` gives one (S, S, 1) uint8 image:
     ``images.load_image`` (decode the file) or a prepared cache's ``load``.
     """
+    tf = tensorflow_for_input()
+    if augmenter is not None and augmenter.tf_function is None:
+        raise ConfigError("config key 'augment.engine': tf.data needs the keras-cv engine "
+                          "(set augment.engine=keras-cv, or data.loader=pydataset).")
     size, resize, crop = cfg.data.image_size, cfg.data.resize, cfg.augment.random_crop
     random_crop = training and crop
     side = decode_size(size, crop) if random_crop else size
@@ -84,14 +148,16 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
 
     ds = tf.data.Dataset.from_tensor_slices((paths, male, labels))
     if training:
-        ds = ds.shuffle(len(df), seed=cfg.train.seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(df), seed=layer_seed(cfg.train.seed, start_epoch),
+                        reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
     ds = ds.with_options(pipeline_options(deterministic=not training))
     ds = ds.map(load, num_parallel_calls=parallel_calls())
     ds = ds.batch(cfg.train.batch_size)
     ds = ds.map(lambda x, s, y: (tf.cast(x, tf.float32), s, y))
-    if training and augment is not None:
+    if training and augmenter is not None:
+        augment = augmenter.tf_function
         ds = ds.map(lambda x, s, y: (augment(x), s, y), num_parallel_calls=parallel_calls())
     use_sex = cfg.model.use_sex
     ds = ds.map(lambda x, s, y: _pack(x, s, y, use_sex))
@@ -101,27 +167,31 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
 class BoneAgeDataset(keras.utils.PyDataset):
     """``keras.utils.PyDataset`` over the same decode and augmentation as tf.data.
 
-    Worker threads decode batches ahead of the model (``data.workers``); training
-    data is reshuffled every epoch from ``train.seed``.
+    Worker threads decode (and augment) batches ahead of the model (``data.workers``).
+    Training batches follow epoch ``e``'s order, a permutation drawn from
+    (``train.seed``, ``e``); ``start_epoch`` is the first epoch this object serves.
     """
 
     def __init__(self, df: pd.DataFrame, cfg: Config, training: bool,
-                 augment: Callable | None = None,
-                 reader: Callable[..., np.ndarray] = load_image, **kwargs: Any) -> None:
+                 augmenter: Augmenter | None = None,
+                 reader: Callable[..., np.ndarray] = load_image, start_epoch: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(workers=cfg.data.workers, use_multiprocessing=False,
                          max_queue_size=max(4, 2 * cfg.data.workers), **kwargs)
         self.paths, self.male, self.labels = _columns(df)
         self.cfg, self.training, self.reader = cfg, training, reader
         self.random_crop = training and cfg.augment.random_crop
-        self.augment = None
-        if training and augment is not None:
-            # one trace for every batch size (the last batch is smaller), shared by workers
-            spec = tf.TensorSpec([None, None, None, 1], tf.float32)
-            self.augment = tf.function(augment, input_signature=[spec])
-        self.rng = np.random.default_rng(cfg.train.seed)
-        self.order = np.arange(len(self.paths))
-        if training:
-            self.rng.shuffle(self.order)
+        self.augmenter = augmenter if training else None
+        self.epoch = start_epoch
+        self._next_epoch = start_epoch
+        self.order = self.epoch_order(start_epoch)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The image order of ``epoch`` (unshuffled for validation)."""
+        if not self.training:
+            return np.arange(len(self.paths))
+        return np.random.default_rng([self.cfg.train.seed, epoch]).permutation(
+            len(self.paths))
 
     def __len__(self) -> int:
         return math.ceil(len(self.paths) / self.cfg.train.batch_size)
@@ -132,24 +202,35 @@ class BoneAgeDataset(keras.utils.PyDataset):
         d = self.cfg.data
         images = np.stack([
             self.reader(self.paths[i], d.image_size, d.resize, self.cfg.augment.random_crop,
-                       center=not self.random_crop)
+                        center=not self.random_crop)
             for i in idx
         ]).astype(np.float32)
-        if self.augment is not None:
-            images = self.augment(tf.convert_to_tensor(images)).numpy()
+        if self.augmenter is not None:
+            images = self.augmenter.augment_batch(images, self.epoch, index)
         return _pack(images, self.male[idx], self.labels[idx], self.cfg.model.use_sex)
 
-    def on_epoch_end(self) -> None:
+    def on_epoch_begin(self) -> None:
         if self.training:
-            self.rng.shuffle(self.order)
+            self.epoch = self._next_epoch
+            self._next_epoch += 1
+            self.order = self.epoch_order(self.epoch)
 
 
 def make_loader(df: pd.DataFrame, cfg: Config, training: bool, repeat: bool = False,
-                reader: Callable[..., np.ndarray] = load_image) -> Any:
+                reader: Callable[..., np.ndarray] = load_image,
+                start_epoch: int = 0) -> Any:
     """The configured loader (``data.loader``) for one split; augments only if training."""
-    augment = None
+    loader = resolve_loader(cfg, training)
+    augmenter = None
     if training:
-        augment = build_augmenter(cfg.augment, cfg.data.image_size, seed=cfg.train.seed)
-    if cfg.data.loader == "pydataset":
-        return BoneAgeDataset(df, cfg, training, augment, reader=reader)
-    return make_tf_dataset(df, cfg, training, augment, repeat=repeat, reader=reader)
+        augmenter = build_augmenter(cfg.augment, cfg.data.image_size, seed=cfg.train.seed,
+                                    start_epoch=start_epoch)
+    if training:
+        log.info("input: %s loader, augmentation %s", loader,
+                 f"{augmenter.engine} engine ({', '.join(augmenter.keys)})"
+                 if augmenter is not None else "off")
+    if loader == "pydataset":
+        return BoneAgeDataset(df, cfg, training, augmenter, reader=reader,
+                              start_epoch=start_epoch)
+    return make_tf_dataset(df, cfg, training, augmenter, repeat=repeat, reader=reader,
+                           start_epoch=start_epoch)

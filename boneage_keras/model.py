@@ -23,6 +23,7 @@ import keras
 from keras import layers, ops
 
 from .config import Config
+from .errors import BoneAgeError
 
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -37,7 +38,7 @@ BACKBONE_SPECS = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(BoneAgeError, RuntimeError):
     """Pretrained weights cannot be loaded; the message says what to use instead."""
 
 

@@ -2,20 +2,31 @@
 
     runs/<name>/
       config.yaml   the resolved config          split.csv   id, boneage, male, split
-      history.csv   one row per epoch            best.keras  best validation tolerance acc.
-      last.keras    the latest epoch             curves.png  loss/MAE/tolerance accuracy
-      train.log     what was read, dropped, used backup/ while running (resume state)
+      run.json      backend, devices, versions   history.csv one row per epoch
+      best.keras    best validation tolerance    last.keras  the latest epoch
+                    accuracy (no optimizer)                  (no optimizer)
+      curves.png    loss/MAE/tolerance accuracy  train.log   what was read, dropped, used
+      backup/       the resumable state: weights with optimizer state, epoch, best
+                    value so far and early stopping's wait (state.json)
+
+Every file is written to a temporary name and renamed, so a kill at any instant leaves
+the previous complete file; ``resume`` continues from the last finished epoch with the
+best value and the patience counter it had, and extends a finished run only when asked
+(``train.epochs`` raised).
 
     >>> from boneage_keras.config import load_config
     >>> result = train(load_config("configs/default.yaml", ["train.epochs=3"]))
-    >>> result.run_dir
+    >>> result = resume(result.run_dir, ["train.epochs=5"])     # two more epochs
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import platform
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -27,31 +38,46 @@ import keras
 import numpy as np
 import pandas as pd
 
+from . import __version__
 from .cache import reader_for
-from .config import Config, load_config, save_config
+from .config import Config, ConfigError, config_to_yaml, load_config, parse_override
 from .data import load_dataset, resolve_data_dir, split_table, subsample
+from .errors import BoneAgeError
+from .files import replacing, write_csv, write_json, write_text
 from .metrics import ToleranceAccuracy
 from .model import build_model
 from .plots import plot_curves
 
 log = logging.getLogger(__name__)
 MONITOR = "val_tolerance_accuracy"
+STATE = "state.json"
+SETUP_FILES = ("config.yaml", "split.csv", "run.json", "train.log")
+# what --resume may change: where the data is and how it is read, and how long to train
+RESUMABLE_KEYS = ("train.epochs", "train.early_stopping_patience", "data.data_dir",
+                  "data.workers", "data.use_cache", "data.cache_dir")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(BoneAgeError, RuntimeError):
     """A run directory cannot be created or resumed; the message says what to do."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(BoneAgeError, RuntimeError):
     """Training stopped early by the user; the run can be resumed."""
+
+
+class NonFiniteLoss(BoneAgeError, RuntimeError):
+    """The training loss became NaN or infinite; the message says where."""
 
 
 class StopOnSignal(keras.callbacks.Callback):
     """Turn Ctrl-C / SIGTERM into a clean stop at the next batch end.
 
     The interrupted epoch is not recorded; the backup holds the last finished one.
-    A second signal stops at once.
+    A second signal stops at once. ``async_safe``: Keras may run the batch hook in its
+    callback thread, so it never makes the training loop wait for the GPU.
     """
+
+    async_safe = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,7 +109,9 @@ class StopOnSignal(keras.callbacks.Callback):
 class TrainResult:
     run_dir: Path
     epochs_run: int
-    best: dict[str, float]  # the validation metrics of the best epoch
+    best: dict[str, float]  # the validation metrics of the epoch in best.keras
+    best_epoch: int = 0     # 1-based
+    stopped_early: bool = False
 
 
 def cosine_learning_rate(epoch: int, base: float, epochs: int, period: int | None = None,
@@ -111,6 +139,28 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(t.learning_rate, weight_decay=decay)
 
 
+def devices() -> list[str]:
+    """The accelerators (else CPU) the active Keras backend computes on."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return [g.name for g in gpus]
+    elif backend == "jax":
+        import jax
+
+        return [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
+                for d in jax.devices()]
+    return [f"cpu ({platform.machine()})"]
+
+
 def gpu_available() -> bool:
     """Whether the active Keras backend sees a GPU."""
     backend = keras.backend.backend()
@@ -122,12 +172,16 @@ def gpu_available() -> bool:
         import tensorflow as tf
 
         return bool(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
     return False
 
 
 def mixed_precision_policy() -> str:
-    """bfloat16 where the GPU has it (Ampere and newer: no loss scaling needed), else
-    float16 with Keras' automatic loss scaling."""
+    """bfloat16 where the hardware has it (Ampere and newer GPUs; JAX everywhere: no
+    loss scaling needed), else float16 with Keras' automatic loss scaling."""
     backend = keras.backend.backend()
     if backend == "torch":
         import torch
@@ -141,19 +195,26 @@ def mixed_precision_policy() -> str:
             if tf.config.experimental.get_device_details(gpu).get(
                     "compute_capability", (0, 0)) >= (8, 0):
                 return "mixed_bfloat16"
+    elif backend == "jax":
+        return "mixed_bfloat16"
     return "mixed_float16"
 
 
-def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
-    """Compile with the configured optimizer, loss, MAE/RMSE/tolerance-accuracy metrics.
-
-    ``train.jit_compile`` null compiles steps (XLA on TF) only on a GPU: on a CPU the
-    XLA compile of a ResNet costs more than it saves (measured: first step 38 s vs
-    27 s, later steps 1.7 s vs 1.2 s, ResNet50 at 64 px, batch 16).
-    """
+def jit_setting(cfg: Config) -> bool | str:
+    """``train.jit_compile`` null: always on JAX (its eager mode is op-by-op), and on a
+    GPU for torch (torch.compile) and TensorFlow (XLA). On a CPU the XLA compile of a
+    ResNet costs more than it saves (measured, TF: first step 38 s vs 27 s, later steps
+    1.7 s vs 1.2 s, ResNet50 at 64 px, batch 16)."""
     jit = cfg.train.jit_compile
-    if jit is None:
-        jit = "auto" if gpu_available() else False
+    if jit is not None:
+        return jit
+    if keras.backend.backend() == "jax":
+        return True
+    return "auto" if gpu_available() else False
+
+
+def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
+    """Compile with the configured optimizer, loss, MAE/RMSE/tolerance-accuracy metrics."""
     loss = {"mae": "mean_absolute_error", "mse": "mean_squared_error",
             "huber": keras.losses.Huber(delta=12.0)}[cfg.train.loss]
     model.compile(
@@ -162,71 +223,114 @@ def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
         metrics=[keras.metrics.MeanAbsoluteError(name="mae"),
                  keras.metrics.RootMeanSquaredError(name="rmse"),
                  ToleranceAccuracy(cfg.train.tolerance_months)],
-        jit_compile=jit,
+        jit_compile=jit_setting(cfg),
     )
     return model
 
 
-def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
-    t = cfg.train
-    callbacks: list[keras.callbacks.Callback] = []
-    if t.lr_schedule == "cosine":  # first, so the logged rows carry the learning rate
-        callbacks.append(keras.callbacks.LearningRateScheduler(
-            lambda epoch: cosine_learning_rate(epoch, t.learning_rate, t.epochs,
-                                               t.cosine_period_epochs, t.warmup_epochs,
-                                               t.min_learning_rate)))
-    callbacks += [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=MONITOR,
-                                        mode="max", save_best_only=True),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "last.keras")),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-    ]
-    if t.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=MONITOR, mode="max", patience=t.early_stopping_patience,
-            restore_best_weights=True))
-    return callbacks
+# --- the run directory ------------------------------------------------------------
+
+
+def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """The resumable state of a run (``backup/state.json``), or None before epoch 1."""
+    import json
+
+    path = run_dir / "backup" / STATE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _is_setup_only(run_dir: Path) -> bool:
+    """A folder left by a train that failed before its first epoch (reusable)."""
+    return (read_state(run_dir) is None and not (run_dir / "history.csv").exists()
+            and not (run_dir / "best.keras").exists())
 
 
 def new_run_dir(cfg: Config) -> Path:
     name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"run directory {run_dir} already exists. Resume it with "
-                          f"`cli.py train --resume {run_dir}` or choose another "
+    if run_dir.exists() and not _is_setup_only(run_dir):
+        raise RunDirError(f"run directory {run_dir} already holds a trained run. Resume "
+                          f"it with `cli.py train --resume {run_dir}` or choose another "
                           "train.run_name.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"cannot write the run directory {run_dir} ({err.strerror}); "
+                          "set train.output_dir to a writable folder.") from None
     return run_dir
 
 
-def prepare_split(cfg: Config, run_dir: Path) -> pd.DataFrame:
-    """Load, clean, subsample and split the data; reuse the run's split.csv if present."""
-    table, _, _ = load_dataset(cfg.data.data_dir, strict=cfg.data.strict)
-    split_csv = run_dir / "split.csv"
-    if split_csv.is_file():
-        saved = pd.read_csv(split_csv, dtype={"id": str})
-        merged = saved[["id", "split"]].merge(table, on="id", how="left")
-        missing = merged["path"].isna()
-        if missing.any():
-            raise RunDirError(f"{split_csv}: {int(missing.sum())} id(s) no longer in the data "
-                              f"(e.g. {merged.loc[missing, 'id'].iloc[0]}); point "
-                              "--data-dir at the data this run was trained on.")
-        log.info("reusing split from %s", split_csv)
-        return merged
+def make_split(cfg: Config) -> pd.DataFrame:
+    """Load, clean, subsample and split the data (the run's split.csv is written later)."""
+    table, _, _ = load_dataset(cfg.data.data_dir, strict=cfg.data.strict,
+                               age_range=cfg.data.age_range)
     table = subsample(table, cfg.data.max_images, cfg.train.seed)
     split = split_table(table, cfg.data.split, cfg.data.val_fraction,
                         cfg.data.test_fraction, cfg.train.seed)
-    split[["id", "boneage", "male", "split"]].to_csv(split_csv, index=False)
     counts = split["split"].value_counts().to_dict()
     log.info("split (%s, seed %d): %s", cfg.data.split, cfg.train.seed, counts)
     return split
+
+
+def saved_split(cfg: Config, run_dir: Path) -> pd.DataFrame:
+    """The run's own split.csv joined to the data's current paths."""
+    table, _, _ = load_dataset(cfg.data.data_dir, strict=cfg.data.strict,
+                               age_range=cfg.data.age_range)
+    split_csv = run_dir / "split.csv"
+    saved = pd.read_csv(split_csv, dtype={"id": str})
+    merged = saved[["id", "split"]].merge(table, on="id", how="left")
+    missing = merged["path"].isna()
+    if missing.any():
+        raise RunDirError(f"{split_csv}: {int(missing.sum())} id(s) no longer in the data "
+                          f"(e.g. {merged.loc[missing, 'id'].iloc[0]}); point --data-dir "
+                          "(--set data.data_dir=...) at the data this run was trained on.")
+    log.info("reusing split from %s", split_csv)
+    return merged
 
 
 def image_reader(cfg: Config, table: pd.DataFrame) -> Callable[..., np.ndarray]:
     """A prepared cache's reader when one fits the config, else decoding the files."""
     d = cfg.data
     return reader_for(table, d.data_dir, d.image_size, d.resize, d.cache_dir, d.use_cache)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _backend_version() -> str:
+    backend = keras.backend.backend()
+    module = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}.get(backend)
+    if module is None:
+        return "?"
+    import importlib
+
+    return getattr(importlib.import_module(module), "__version__", "?")
+
+
+def run_info(started: str, **extra: Any) -> dict[str, Any]:
+    """What run.json records: where and how the run trained."""
+    return {"backend": keras.backend.backend(), "devices": devices(), "replicas": 1,
+            "processes": 1, "versions": {"boneage_keras": __version__,
+                                          "keras": keras.__version__,
+                                          keras.backend.backend(): _backend_version(),
+                                          "python": platform.python_version()},
+            "git_commit": _git_commit(), "host": platform.node(), "started": started,
+            **extra}
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
@@ -236,64 +340,243 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def train(cfg: Config, resume_dir: str | Path | None = None, verbose: Any = "auto") -> TrainResult:
-    """Train ``cfg`` (or resume the run in ``resume_dir``) and return where it went."""
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise RunDirError(f"{run_dir} is not a run directory (no config.yaml); pass a "
-                              "folder created by `cli.py train`.")
-        cfg = load_config(run_dir / "config.yaml")
-    else:
-        cfg.data.data_dir = str(resolve_data_dir(cfg.data.data_dir).resolve())
-        run_dir = new_run_dir(cfg)
-        save_config(cfg, run_dir / "config.yaml")
+# --- the callback that owns the run's files ---------------------------------------
+
+
+class RunKeeper(keras.callbacks.Callback):
+    """After each finished epoch: history.csv, best.keras (when the monitored value
+    improves), last.keras, then the resumable state in backup/ - each written to a
+    temporary name and renamed. Also early stopping (its wait counter is part of the
+    state, so a resume keeps it) and a stop at the first non-finite loss.
+
+    ``inference_twin`` is an uncompiled copy of the model: best.keras and last.keras
+    are saved from it, without optimizer state.
+    """
+
+    async_safe = True   # the batch hook only reads the loss
+
+    def __init__(self, run_dir: Path, cfg: Config, inference_twin: keras.Model,
+                 state: dict[str, Any] | None, history: pd.DataFrame) -> None:
+        super().__init__()
+        self.run_dir, self.cfg, self.twin = run_dir, cfg, inference_twin
+        self.history = history
+        state = state or {}
+        self.best = state.get("best")             # None: no epoch yet
+        self.best_epoch = state.get("best_epoch")  # 0-based
+        self.wait = state.get("wait", 0)
+        self.stopped_early = False
+        self.epoch = state.get("epoch", 0)
+        self.failure: NonFiniteLoss | None = None
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.failure is None:
+            self.failure = NonFiniteLoss(
+                f"training stopped: the loss became {float(loss)} at epoch "
+                f"{self.epoch + 1}, batch {batch + 1}. Nothing of this epoch was saved; "
+                "lower train.learning_rate, check the labels (data.age_range) or turn "
+                "off train.mixed_precision, then resume or retrain.")
+            raise self.failure
+
+    def _save_inference_model(self, name: str) -> None:
+        self.twin.set_weights(self.model.get_weights())
+        with replacing(self.run_dir / name) as tmp:
+            self.twin.save(tmp)
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        logs = dict(logs or {})
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"training stopped: the epoch {epoch + 1} loss is "
+                                f"{float(loss)}; nothing of this epoch was saved. Lower "
+                                "train.learning_rate or check the labels.")
+        row = {"epoch": epoch, **{k: float(v) for k, v in logs.items()}}
+        self.history = pd.concat([self.history[self.history["epoch"] < epoch],
+                                  pd.DataFrame([row])], ignore_index=True) \
+            if len(self.history) else pd.DataFrame([row])
+        write_csv(self.run_dir / "history.csv", self.history)
+        value = logs.get(MONITOR)
+        improved = value is not None and (self.best is None or value > self.best)
+        if improved:
+            self.best, self.best_epoch, self.wait = float(value), epoch, 0
+            self._save_inference_model("best.keras")
+        else:
+            self.wait += 1
+        self._save_inference_model("last.keras")
+        patience = self.cfg.train.early_stopping_patience
+        if patience and self.wait >= patience:
+            self.stopped_early = True
+            self.model.stop_training = True
+            log.info("early stopping: no better %s for %d epochs (best epoch %d)",
+                     MONITOR, self.wait, self.best_epoch + 1)
+        self.save_state(epoch + 1)
+
+    def save_state(self, epochs_done: int, finished: bool = False) -> None:
+        """Weights with optimizer state, then state.json naming them (the order matters:
+        a kill between the two leaves state.json naming the previous, complete file)."""
+        backup = self.run_dir / "backup"
+        backup.mkdir(exist_ok=True)
+        weights = f"state-{epochs_done:04d}.weights.h5"
+        if not (backup / weights).is_file() or not finished:
+            with replacing(backup / weights) as tmp:
+                self.model.save_weights(tmp)
+        write_json(backup / STATE, {
+            "epoch": epochs_done, "weights": weights, "best": self.best,
+            "best_epoch": self.best_epoch, "wait": self.wait,
+            "stopped_early": self.stopped_early, "finished": finished,
+            "epochs_planned": self.cfg.train.epochs})
+        for old in backup.glob("state-*.weights.h5"):
+            if old.name != weights:
+                old.unlink()
+
+
+# --- training ----------------------------------------------------------------------
+
+
+def train(cfg: Config, verbose: Any = "auto") -> TrainResult:
+    """Train ``cfg`` into a new run directory (``train.output_dir/run_name``).
+
+    The data is read, cleaned and split before the folder is made, so bad data leaves
+    nothing behind; a folder left by a failed start is reused.
+    """
+    cfg.data.data_dir = str(resolve_data_dir(cfg.data.data_dir).resolve())
+    split = make_split(cfg)
+    run_dir = new_run_dir(cfg)
+    write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    write_csv(run_dir / "split.csv", split[["id", "boneage", "male", "split"]])
+    return _run(cfg, run_dir, split, None, verbose)
+
+
+def resume(run_dir: str | Path, overrides: list[str] | None = None,
+           verbose: Any = "auto") -> TrainResult:
+    """Continue a run from its last finished epoch. ``overrides`` may change only
+    ``RESUMABLE_KEYS``; a finished run continues only if ``train.epochs`` is raised."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "split.csv").is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml/split.csv); "
+                          "pass a folder created by `cli.py train`.")
+    for text in overrides or []:
+        section, key, _ = parse_override(text)
+        if f"{section}.{key}" not in RESUMABLE_KEYS:
+            raise ConfigError(f"--set {text}: '{section}.{key}' cannot change when resuming "
+                              f"{run_dir} (it would no longer be the same run); resumable "
+                              "keys: " + ", ".join(RESUMABLE_KEYS) + ". Start a new run "
+                              "for other changes.")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    state = read_state(run_dir)
+    done = state["epoch"] if state else 0
+    if state and (state["finished"] or state["stopped_early"]) and cfg.train.epochs <= done:
+        how = "stopped early" if state["stopped_early"] else "finished"
+        raise RunDirError(f"{run_dir} has {how} after {done} epoch(s) (best epoch "
+                          f"{(state['best_epoch'] or 0) + 1}); to train further, resume with "
+                          f"--set train.epochs=N for N > {done}.")
+    if cfg.train.epochs <= done:
+        raise RunDirError(f"--set train.epochs={cfg.train.epochs}: {run_dir} has already "
+                          f"trained {done} epoch(s); choose more.")
+    if state and cfg.train.epochs != state["epochs_planned"]:
+        log.info("extending %s from %d to %d epochs", run_dir, state["epochs_planned"],
+                 cfg.train.epochs)
+    write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    return _run(cfg, run_dir, saved_split(cfg, run_dir), state, verbose)
+
+
+def _run(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] | None,
+         verbose: Any) -> TrainResult:
     handler = _attach_log_file(run_dir)
+    started = _now()
+    info = run_info(started, status="running")
+    write_json(run_dir / "run.json", info)
     try:
-        return _train(cfg, run_dir, verbose)
+        result = _fit(cfg, run_dir, split, state, verbose)
+    except BaseException as err:
+        write_json(run_dir / "run.json", {**info, "ended": _now(),
+                                          "status": f"stopped: {type(err).__name__}"})
+        if state is None and read_state(run_dir) is None:
+            _remove_setup(run_dir, keep_log=not isinstance(err, TrainingInterrupted))
+        raise
     finally:
         logging.getLogger("boneage_keras").removeHandler(handler)
         handler.close()
+    write_json(run_dir / "run.json", {**info, "ended": _now(), "status": "finished",
+                                      "epochs": result.epochs_run})
+    return result
 
 
-def _train(cfg: Config, run_dir: Path, verbose: Any) -> TrainResult:
-    keras.utils.set_random_seed(cfg.train.seed)
+def _remove_setup(run_dir: Path, keep_log: bool) -> None:
+    """Before any epoch finished: take back the files this run wrote, so the same
+    run_name can be used again (the log stays when it explains a failure)."""
+    for name in SETUP_FILES:
+        if name == "train.log" and keep_log:
+            continue
+        (run_dir / name).unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] | None,
+         verbose: Any) -> TrainResult:
+    from .loaders import make_loader
+
+    keras.utils.set_random_seed(cfg.train.seed + (state["epoch"] if state else 0))
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision_policy())
-    log.info("run %s on the %s backend", run_dir, keras.backend.backend())
-    split = prepare_split(cfg, run_dir)
-    train_df, val_df = split[split["split"] == "train"], split[split["split"] == "val"]
-    labels = train_df["boneage"].to_numpy(dtype=np.float64)
-    model = compile_model(build_model(cfg, float(labels.mean()), float(labels.std() or 1.0)),
-                          cfg)
-    from .loaders import make_loader  # TensorFlow's tf.data: imported only to train
-
-    steps = cfg.train.steps_per_epoch
-    reader = image_reader(cfg, split)
-    train_data = make_loader(train_df, cfg, training=True,
-                             repeat=steps is not None and cfg.data.loader == "tfdata",
-                             reader=reader)
-    val_data = make_loader(val_df, cfg, training=False, reader=reader)
-    stopper = StopOnSignal()
-    stopper.install()
     try:
-        history = model.fit(train_data, validation_data=val_data, epochs=cfg.train.epochs,
-                            steps_per_epoch=steps,
-                            callbacks=[stopper, *make_callbacks(cfg, run_dir)],
-                            verbose=verbose)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(
-            f"training interrupted; everything up to the last finished epoch is in "
-            f"{run_dir}. Continue with `cli.py train --resume {run_dir}`.") from None
+        log.info("run %s on the %s backend (%s)", run_dir, keras.backend.backend(),
+                 ", ".join(devices()))
+        train_df, val_df = split[split["split"] == "train"], split[split["split"] == "val"]
+        labels = train_df["boneage"].to_numpy(dtype=np.float64)
+        mean, std = float(labels.mean()), float(labels.std() or 1.0)
+        model = compile_model(build_model(cfg, mean, std), cfg)
+        twin = build_model(cfg, mean, std)
+        start = 0
+        if state is not None:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(run_dir / "backup" / state["weights"])
+            start = state["epoch"]
+            log.info("resuming at epoch %d (best so far: epoch %s, %s=%s; patience "
+                     "waited %d)", start + 1,
+                     None if state["best_epoch"] is None else state["best_epoch"] + 1,
+                     MONITOR, state["best"], state["wait"])
+        history = pd.DataFrame()
+        if state is not None and (run_dir / "history.csv").is_file():
+            history = pd.read_csv(run_dir / "history.csv")
+        steps = cfg.train.steps_per_epoch
+        reader = image_reader(cfg, split)
+        train_data = make_loader(train_df, cfg, training=True, repeat=steps is not None,
+                                 reader=reader, start_epoch=start)
+        val_data = make_loader(val_df, cfg, training=False, reader=reader)
+        keeper = RunKeeper(run_dir, cfg, twin, state, history)
+        callbacks: list[keras.callbacks.Callback] = []
+        t = cfg.train
+        if t.lr_schedule == "cosine":  # before the keeper, so its rows carry the rate
+            callbacks.append(keras.callbacks.LearningRateScheduler(
+                lambda epoch: cosine_learning_rate(epoch, t.learning_rate, t.epochs,
+                                                   t.cosine_period_epochs, t.warmup_epochs,
+                                                   t.min_learning_rate)))
+        stopper = StopOnSignal()
+        stopper.install()
+        try:
+            model.fit(train_data, validation_data=val_data, epochs=t.epochs,
+                      initial_epoch=start, steps_per_epoch=steps,
+                      callbacks=[stopper, *callbacks, keeper], verbose=verbose)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"training interrupted; everything up to the last finished epoch is in "
+                f"{run_dir}. Continue with `cli.py train --resume {run_dir}`.") from None
+        finally:
+            stopper.uninstall()
+        epochs_done = len(keeper.history)
+        keeper.save_state(epochs_done, finished=True)
     finally:
-        stopper.uninstall()
         if cfg.train.mixed_precision:
             keras.mixed_precision.set_global_policy("float32")
-    if (run_dir / "history.csv").is_file():
-        plot_curves(run_dir / "history.csv", run_dir / "curves.png")
-    records = pd.read_csv(run_dir / "history.csv")
-    best_row = records.loc[records[MONITOR].idxmax()]
-    best = {k: float(best_row[k]) for k in records.columns if k.startswith("val_")}
-    log.info("best epoch %d: %s", int(best_row["epoch"]) + 1,
+    plot_curves(run_dir / "history.csv", run_dir / "curves.png")
+    best_row = keeper.history.loc[keeper.history["epoch"] == keeper.best_epoch].iloc[0]
+    best = {k: float(best_row[k]) for k in keeper.history.columns if k.startswith("val_")}
+    log.info("best epoch %d (in best.keras): %s", keeper.best_epoch + 1,
              ", ".join(f"{k}={v:.4g}" for k, v in best.items()))
-    return TrainResult(run_dir=run_dir, epochs_run=len(history.epoch), best=best)
+    return TrainResult(run_dir=run_dir, epochs_run=epochs_done - start, best=best,
+                       best_epoch=keeper.best_epoch + 1, stopped_early=keeper.stopped_early)

@@ -48,16 +48,39 @@ def write_flat_dataset(root: Path, rows: list[tuple[str, object, object]],
     return root
 
 
-def run_cli(args: list[str], backend: str = "torch", timeout: int = 600,
-            check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python cli.py ARGS`` in a fresh process on the given Keras backend."""
+NO_TENSORFLOW = REPO / "tests" / "no_tensorflow"
+
+
+def backend_env(backend: str, tensorflow: bool = True) -> dict[str, str]:
+    """The environment of a child process on ``backend``; ``tensorflow=False`` makes
+    TensorFlow and keras-cv unimportable there (tests/no_tensorflow/sitecustomize.py)."""
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    if not tensorflow:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(NO_TENSORFLOW), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def run_cli(args: list[str], backend: str = "torch", timeout: int = 600,
+            check: bool = True, tensorflow: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python cli.py ARGS`` in a fresh process on the given Keras backend."""
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO,
+                          env=backend_env(backend, tensorflow), capture_output=True,
+                          text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_python(code: str, backend: str = "torch", tensorflow: bool = True,
+               timeout: int = 300) -> str:
+    """Run ``python -c CODE`` in a fresh process; returns its stdout (fails loudly)."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          env=backend_env(backend, tensorflow), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="session")

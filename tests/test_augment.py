@@ -1,14 +1,21 @@
+"""Augmentation on both engines (keras-cv on TensorFlow ops, Keras core layers on the
+active backend), measured on real radiographs: each stage does what its config key
+says, the two engines draw from the same ranges, and the layers' draws are independent."""
+
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
+from scipy import ndimage
 
-from boneage_keras.augment import SaltAndPepper, build_augmenter
+from boneage_keras.augment import STAGES, build_augmenter
 from boneage_keras.config import AugmentConfig, load_config
 from boneage_keras.images import load_image
 from boneage_keras.loaders import BoneAgeDataset, make_tf_dataset
 
 SIZE = 64
+ENGINES = ("keras-cv", "keras")
 OFF = {"horizontal_flip": False, "rotation_degrees": 0, "translation": 0, "scale": None,
        "shear": 0, "brightness": 0, "contrast": None, "blur_probability": 0,
        "salt_pepper": None, "random_crop": False}
@@ -16,95 +23,230 @@ OFF = {"horizontal_flip": False, "rotation_degrees": 0, "translation": 0, "scale
 
 @pytest.fixture(scope="module")
 def batch(bulk_dir):
-    labels = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str}).head(16)
+    labels = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str}).head(64)
     images = [load_image(bulk_dir / "images" / f"{i}.png", SIZE) for i in labels["id"]]
     return np.stack(images).astype(np.float32)
 
 
-def _augment(batch, seed=1, **stage):
-    fn = build_augmenter(AugmentConfig(**{**OFF, **stage}), SIZE, seed=seed)
-    assert fn is not None
-    return tf.function(fn)(tf.convert_to_tensor(batch)).numpy()
+def _augment(batch, engine, seed=1, **stage):
+    augmenter = build_augmenter(AugmentConfig(**{**OFF, **stage}), SIZE, seed=seed,
+                                engine=engine)
+    assert augmenter is not None and augmenter.engine == engine
+    return augmenter.augment_batch(batch, epoch=0, batch=0)
 
 
 def test_all_off_means_no_augmenter():
-    assert build_augmenter(AugmentConfig(**OFF), SIZE) is None
+    assert build_augmenter(AugmentConfig(**OFF), SIZE, engine="keras") is None
 
 
-def test_flip_mirrors_some_images(batch):
-    out = _augment(batch, horizontal_flip=True)
+def test_table_covers_every_augmentation_key():
+    keys = {f.name for f in AugmentConfig.__dataclass_fields__.values()} - {"engine"}
+    assert {stage.key for stage in STAGES} == keys
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_flip_mirrors_some_images(batch, engine):
+    out = _augment(batch, engine, horizontal_flip=True)
     flipped = [np.array_equal(o, x[:, ::-1]) for o, x in zip(out, batch)]
     same = [np.array_equal(o, x) for o, x in zip(out, batch)]
     assert all(f or s for f, s in zip(flipped, same)) and any(flipped) and any(same)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("stage", [{"rotation_degrees": 15}, {"translation": 0.1},
                                    {"scale": [0.9, 1.1]}, {"shear": 0.2}])
-def test_geometric_stages_move_pixels(batch, stage):
-    out = _augment(batch, **stage)
-    assert out.shape == batch.shape
+def test_geometric_stages_move_pixels(batch, engine, stage):
+    out = _augment(batch, engine, **stage)
+    assert out.shape == batch.shape and out.dtype == np.float32
     changed = np.mean([not np.allclose(o, x, atol=1) for o, x in zip(out, batch)])
     assert changed > 0.8
     assert abs(out.mean() - batch.mean()) < 0.25 * batch.mean()  # content, not noise
 
 
-def test_brightness_shifts_within_range(batch):
-    out = _augment(batch, brightness=0.3)
-    for o, x in zip(out, batch):
-        inside = (x > 80) & (x < 150)            # away from clipping
-        delta = (o - x)[inside]
-        assert np.ptp(delta) < 1e-3 and abs(delta.mean()) <= 0.3 * 255 + 1e-3
-    assert np.std([(o - x).mean() for o, x in zip(out, batch)]) > 1
-
-
-def test_contrast_scales_spread_within_range(batch):
-    out = _augment(batch, contrast=[0.7, 1.3])
-    ratios = [o.std() / x.std() for o, x in zip(out, batch)]
-    assert 0.65 <= min(ratios) and max(ratios) <= 1.35 and np.std(ratios) > 0.02
-
-
-def test_blur_smooths(batch):
-    out = _augment(batch, blur_probability=1.0)
-    sharp = lambda a: np.abs(np.diff(a, axis=1)).mean()
+@pytest.mark.parametrize("engine", ENGINES)
+def test_blur_smooths(batch, engine):
+    out = _augment(batch, engine, blur_probability=1.0)
+    sharp = lambda a: np.abs(np.diff(a, axis=1)).mean()   # noqa: E731
     assert sharp(out) < 0.95 * sharp(batch)
 
 
-def test_salt_and_pepper_fraction(batch):
-    out = _augment(batch, salt_pepper=[0.03, 0.08])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_salt_and_pepper_fraction(batch, engine):
+    out = _augment(batch, engine, salt_pepper=[0.03, 0.08])
+    fractions = []
     for o, x in zip(out, batch):
         hit = (o != x)
         assert set(np.unique(o[hit])) <= {0.0, 255.0}
-        assert 0.02 <= hit.mean() <= 0.095  # 3-8% plus sampling noise of 4096 pixels
-    layer = SaltAndPepper.from_config(SaltAndPepper((0.1, 0.2)).get_config())
-    assert layer.fraction == (0.1, 0.2)
+        fractions.append(hit.mean())
+    # 3-8% of 4096 pixels minus those already black/white, plus sampling noise
+    assert 0.015 <= min(fractions) and max(fractions) <= 0.095
+    assert np.std(fractions) > 0.005        # drawn per image
 
 
-def test_random_crop_cuts_image_size(batch):
-    big = tf.image.resize(batch, (73, 73)).numpy()
-    fn = build_augmenter(AugmentConfig(**{**OFF, "random_crop": True}), SIZE, seed=0)
-    assert tuple(fn(tf.convert_to_tensor(big)).shape) == (16, SIZE, SIZE, 1)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_random_crop_cuts_image_size(batch, engine):
+    big = np.stack([np.asarray(ndimage.zoom(x[..., 0], 73 / SIZE, order=1))[..., None]
+                    for x in batch[:8]]).astype(np.float32)
+    out = _augment(big, engine, random_crop=True)
+    assert out.shape == (8, SIZE, SIZE, 1)
 
 
-@pytest.mark.parametrize("loader", ["tfdata", "pydataset"])
-def test_validation_untouched_training_augmented(bulk_dir, loader):
+# --- the two engines draw from the same ranges (measured on real images) -----------
+
+
+def _best_angle(original, out, flips=(False,)):
+    """(flipped, angle) whose rotation of ``original`` is closest to ``out``."""
+    best = (np.inf, False, 0.0)
+    for flip in flips:
+        src = original[:, ::-1] if flip else original
+        for angle in np.arange(-20, 20.25, 0.5):
+            err = np.mean((ndimage.rotate(src, angle, reshape=False, order=1, cval=0.0)
+                           - out) ** 2)
+            if err < best[0]:
+                best = (err, flip, float(angle))
+    return best[1], best[2]
+
+
+def _best_shift(original, out, reach=9):
+    best = (np.inf, 0, 0)
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            err = np.mean((ndimage.shift(original, (dy, dx), order=0, cval=0.0)
+                           - out) ** 2)
+            if err < best[0]:
+                best = (err, dy, dx)
+    return best[1], best[2]
+
+
+@pytest.fixture(scope="module")
+def ranges(batch, tmp_path_factory):
+    """Per engine: rotation angles, translation shifts, brightness deltas, contrast
+    ratios, estimated from 64 real images each (written to ranges.json)."""
+    found = {}
+    x = batch[..., 0]
+    for engine in ENGINES:
+        rot = _augment(batch, engine, seed=3, rotation_degrees=15)[..., 0]
+        shift = _augment(batch, engine, seed=4, translation=0.1)[..., 0]
+        bright = _augment(batch, engine, seed=5, brightness=0.3)[..., 0]
+        contrast = _augment(batch, engine, seed=6, contrast=[0.7, 1.3])[..., 0]
+        inside = (x > 5) & (x < 180)        # away from clipping at 0 and 255
+        found[engine] = {
+            "rotation_degrees": [_best_angle(a, b)[1] for a, b in zip(x[:32], rot[:32])],
+            "translation_px": [max(map(abs, _best_shift(a, b)))
+                               for a, b in zip(x[:24], shift[:24])],
+            "brightness_delta": [float((b - a)[m].mean())
+                                 for a, b, m in zip(x, bright, inside)],
+            "contrast_ratio": [float(b.std() / a.std()) for a, b in zip(x, contrast)],
+        }
+    path = tmp_path_factory.mktemp("ranges") / "ranges.json"
+    path.write_text(json.dumps(found))
+    print("augmentation ranges measured:", {e: {k: [round(min(v), 2), round(max(v), 2)]
+                                                for k, v in f.items()}
+                                            for e, f in found.items()})
+    return found
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rotation_angles_span_the_configured_range(ranges, engine):
+    angles = np.array(ranges[engine]["rotation_degrees"])
+    assert np.abs(angles).max() <= 15.5          # never beyond rotation_degrees
+    assert np.abs(angles).max() >= 11            # and reaching near it
+    assert (angles > 2).any() and (angles < -2).any()
+    assert 5.5 <= angles.std() <= 11.5           # uniform on [-15, 15]: std 8.7
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_translation_stays_within_its_fraction(ranges, engine):
+    shifts = np.array(ranges[engine]["translation_px"])
+    assert shifts.max() <= 7                     # 0.1 of 64 px = 6.4 px
+    assert shifts.max() >= 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_brightness_is_additive_within_range(ranges, engine):
+    deltas = np.array(ranges[engine]["brightness_delta"])
+    assert np.abs(deltas).max() <= 0.3 * 255 + 1
+    assert np.abs(deltas).max() >= 45 and (deltas > 5).any() and (deltas < -5).any()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_contrast_scales_spread_within_range(ranges, engine):
+    ratios = np.array(ranges[engine]["contrast_ratio"])
+    assert 0.68 <= ratios.min() and ratios.max() <= 1.32 and ratios.std() > 0.08
+
+
+def test_both_engines_draw_from_the_same_ranges(ranges):
+    a, b = ranges["keras-cv"], ranges["keras"]
+    for key, tolerance in (("rotation_degrees", 3.0), ("brightness_delta", 15.0),
+                           ("contrast_ratio", 0.08)):
+        spread_a, spread_b = np.std(a[key]), np.std(b[key])
+        assert abs(spread_a - spread_b) <= tolerance, (key, spread_a, spread_b)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_flip_and_rotation_draws_are_independent(sample_dir, engine):
+    """One seed shared by both layers would tie them (a flipped image always rotating
+    the same way): every combination of flipped/not and left/right must occur."""
+    image = load_image(sample_dir / "images" / "1437.png", SIZE).astype(np.float32)
+    batch = np.repeat(image[None], 48, axis=0)
+    out = _augment(batch, engine, seed=11, horizontal_flip=True, rotation_degrees=15)
+    combos = [_best_angle(image[..., 0], o[..., 0], flips=(False, True)) for o in out]
+    counts = {(flip, right): sum(1 for f, angle in combos if f == flip and
+                                 (angle > 0) == right)
+              for flip in (False, True) for right in (False, True)}
+    assert all(n >= 4 for n in counts.values()), counts
+
+
+def test_keras_engine_draws_per_epoch_and_batch(batch):
+    augmenter = build_augmenter(AugmentConfig(**{**OFF, "rotation_degrees": 15}), SIZE,
+                                seed=2, engine="keras")
+    first = augmenter.augment_batch(batch[:8], epoch=0, batch=3)
+    np.testing.assert_array_equal(first, augmenter.augment_batch(batch[:8], 0, 3))
+    assert not np.allclose(first, augmenter.augment_batch(batch[:8], 1, 3))
+    assert not np.allclose(first, augmenter.augment_batch(batch[:8], 0, 4))
+
+
+@pytest.mark.parametrize("loader, engine", [("tfdata", "keras-cv"), ("pydataset", "keras"),
+                                            ("pydataset", "keras-cv")])
+def test_validation_untouched_training_augmented(bulk_dir, loader, engine):
     cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}", "train.batch_size=8",
-                                               f"data.loader={loader}"])
+                                               f"data.loader={loader}",
+                                               f"augment.engine={engine}"])
     from boneage_keras.data import load_dataset
 
     table = load_dataset(bulk_dir, check_images=False)[0].head(8)
     expected = np.stack([load_image(p, SIZE) for p in table["path"]]).astype(np.float32)
+    aug = build_augmenter(cfg.augment, SIZE, seed=0)
     if loader == "tfdata":
         val = next(iter(make_tf_dataset(table, cfg, training=False)))
-        aug = build_augmenter(cfg.augment, SIZE, seed=0)
-        train = next(iter(make_tf_dataset(table, cfg, training=True, augment=aug)))
+        train = next(iter(make_tf_dataset(table, cfg, training=True, augmenter=aug)))
         x_val, y_val = val[0].numpy(), val[1].numpy()
-        x_train = train[0].numpy()
+        x_train, y_train = train[0].numpy(), train[1].numpy()
     else:
         x_val, y_val = BoneAgeDataset(table, cfg, training=False)[0]
-        aug = build_augmenter(cfg.augment, SIZE, seed=0)
-        x_train = BoneAgeDataset(table, cfg, training=True, augment=aug)[0][0]
+        x_train, y_train = BoneAgeDataset(table, cfg, training=True, augmenter=aug)[0]
     np.testing.assert_array_equal(x_val, expected)
     np.testing.assert_allclose(y_val, table["boneage"].to_numpy(np.float32))
     assert x_train.shape == expected.shape and x_train.dtype == np.float32
     # training images are augmented: no training image equals any original
     assert not any(np.allclose(t, e, atol=1) for t in x_train for e in expected)
+    assert sorted(y_train) == sorted(y_val)      # the same images, shuffled
+
+
+def test_pydataset_epochs_reshuffle_and_resume_continues(bulk_dir):
+    cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}",
+                                               "train.batch_size=4"])
+    from boneage_keras.data import load_dataset
+
+    table = load_dataset(bulk_dir, check_images=False)[0].head(40)
+    data = BoneAgeDataset(table, cfg, training=True)
+    orders = []
+    for _ in range(3):
+        data.on_epoch_begin()
+        orders.append(data.order.copy())
+        assert sorted(data.order) == list(range(40))    # each image once per epoch
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[1], orders[2])
+    resumed = BoneAgeDataset(table, cfg, training=True, start_epoch=2)
+    resumed.on_epoch_begin()
+    np.testing.assert_array_equal(resumed.order, orders[2])   # epoch 3 as it was

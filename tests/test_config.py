@@ -6,8 +6,8 @@ from boneage_keras.config import (
     _SECTION_CLASSES,
     Config,
     ConfigError,
+    config_to_yaml,
     load_config,
-    save_config,
 )
 
 CONFIGS = "configs"
@@ -54,6 +54,20 @@ def test_dotted_and_bare_overrides():
     ("train.batch_size=abc", ["train.batch_size", "integer"]),
     ("train.epochs=0", ["train.epochs", ">= 1"]),
     ("data.val_fraction=1.5", ["data.val_fraction"]),
+    ("train.steps_per_epoch=0", ["train.steps_per_epoch", ">= 1"]),
+    ("train.steps_per_epoch=-3", ["train.steps_per_epoch", "-3"]),
+    ("train.warmup_epochs=-1", ["train.warmup_epochs", "0 <= x"]),
+    ("train.warmup_epochs=50", ["train.warmup_epochs", "< train.epochs"]),
+    ("train.early_stopping_patience=-2", ["train.early_stopping_patience", ">= 1"]),
+    ("train.learning_rate=.inf", ["train.learning_rate", "> 0"]),
+    ("train.cosine_period_epochs=0", ["train.cosine_period_epochs"]),
+    ("train.min_learning_rate=0.1", ["train.min_learning_rate", "learning_rate"]),
+    ("train.seed=-1", ["train.seed"]),
+    ("data.age_range=[0, .inf]", ["data.age_range", "240"]),
+    ("data.age_range=[100, 50]", ["data.age_range", "low < high"]),
+    ("augment.rotation_degrees=400", ["augment.rotation_degrees", "180"]),
+    ("augment.translation=-0.1", ["augment.translation"]),
+    ("augment.engine=cuda", ["augment.engine", "keras-cv"]),
 ])
 def test_bad_override_names_key_and_allowed(override, words):
     with pytest.raises(ConfigError) as err:
@@ -79,8 +93,17 @@ def test_interface_leaf_names_are_unique():
 
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(f"{CONFIGS}/resnet18-improved.yaml", ["train.epochs=2"])
-    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(config_to_yaml(cfg))
     again = load_config(tmp_path / "config.yaml")
     again.name = cfg.name
     assert again == cfg
     assert isinstance(Config().to_dict()["train"], dict)
+
+
+def test_missing_base_names_the_config_that_refers_to_it(tmp_path):
+    child = tmp_path / "recipe.yaml"
+    child.write_text("base: nowhere.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    message = str(err.value)
+    assert "recipe.yaml" in message and "nowhere.yaml" in message

@@ -1,0 +1,76 @@
+"""Writing files so that a kill at any instant leaves the previous complete file.
+
+Everything is written to a temporary name in the same folder and renamed over the
+target (``os.replace`` is atomic on POSIX and Windows), so readers see either the old
+file or the new one, never half of one.
+
+    >>> write_text(run_dir / "config.yaml", text)
+    >>> with replacing(run_dir / "best.keras") as tmp:   # tmp ends in .keras too
+    ...     model.save(tmp)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden sibling of ``path`` that keeps its suffixes (``.weights.h5``,
+    ``.keras``): some writers check them."""
+    return path.with_name(f".{path.name.split('.')[0]}{TMP_MARK}{os.getpid()}"
+                          f"{''.join(path.suffixes)}")
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces ``path``, on failure it goes."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN and infinities -> None, recursively: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Strict JSON (non-finite numbers written as null), atomically."""
+    write_text(path, json.dumps(finite_or_none(value), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: str | Path, table: Any, **kwargs: Any) -> None:
+    """A pandas DataFrame as CSV, atomically."""
+    with replacing(path) as tmp:
+        table.to_csv(tmp, index=False, **kwargs)

@@ -1,0 +1,143 @@
+"""Every Keras backend, with and without TensorFlow, on real images.
+
+torch and JAX train, evaluate, predict, explain, bench and export in processes that
+cannot import TensorFlow (tests/no_tensorflow); a ``.keras`` file trained on any of the
+three backends predicts the same on the other two; tf.data used for input only never
+takes the GPU from torch or JAX.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, run_cli, run_python
+
+TRAIN = ["--set", "data.max_images=96", "--set", "data.image_size=64",
+         "--set", "model.backbone=resnet18", "--set", "model.weights=none",
+         "--set", "train.epochs=2", "--set", "train.batch_size=16"]
+IDS = ("1437", "1440", "1472", "4360")
+
+
+def test_harness_hides_tensorflow():
+    out = run_python(
+        "import importlib.util, sys\n"
+        "assert importlib.util.find_spec('tensorflow') is None\n"
+        "assert importlib.util.find_spec('keras_cv') is None\n"
+        "try:\n    import tensorflow\nexcept ImportError:\n    print('blocked')\n"
+        "import torch._dynamo, keras\n"
+        "assert 'tensorflow' not in sys.modules\n", tensorflow=False)
+    assert "blocked" in out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, bulk_dir):
+    """One small run per backend, with the study's augmentation: torch and JAX (with
+    the sex input) where TensorFlow cannot be imported, TensorFlow where it can."""
+    out = tmp_path_factory.mktemp("backends")
+    logs = {}
+    for backend, sex in (("torch", False), ("jax", True), ("tensorflow", False)):
+        proc = run_cli(["train", "--data-dir", str(bulk_dir), *TRAIN,
+                        "--set", f"model.use_sex={str(sex).lower()}",
+                        "--set", f"train.output_dir={out}", "--set", f"train.run_name={backend}"],
+                       backend=backend, tensorflow=backend == "tensorflow")
+        logs[backend] = proc.stderr
+    return out, logs
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_every_command_runs_without_tensorflow(runs, backend, sample_dir, tmp_path):
+    out, logs = runs
+    run = out / backend
+    sex = ["--sex", "M"] if backend == "jax" else []
+    assert "input: pydataset loader, augmentation keras engine (horizontal_flip, " \
+        "rotation_degrees, translation, scale, brightness, contrast)" in logs[backend]
+    assert len(pd.read_csv(run / "history.csv")) == 2
+    assert json.loads((run / "run.json").read_text())["backend"] == backend
+    # evaluate with TTA and MC dropout (the public clone_model route)
+    run_cli(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--tta", "2",
+             "--mc-samples", "3"], backend=backend, tensorflow=False)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 10 and metrics["tta"]["views"] == 2
+    assert metrics["uncertainty"]["mean_std"] > 0          # dropout really samples
+    # predict full-size radiographs
+    images = [str(sample_dir / "images" / f"{i}.png") for i in IDS]
+    proc = run_cli(["predict", "--model", str(run), *sex, *images], backend=backend,
+                   tensorflow=False)
+    rows = proc.stdout.strip().splitlines()
+    assert len(rows) == 1 + len(IDS) and rows[1].startswith("1437,")
+    # explain
+    run_cli(["explain", str(run), *sex, *images[:2], "--out", str(tmp_path / "cams")],
+            backend=backend, tensorflow=False)
+    maps = np.load(tmp_path / "cams" / "heatmaps.npz")
+    assert set(maps.files) == {"1437", "1440"} and np.ptp(maps["1437"]) > 0.1
+    # export: .keras always, ONNX natively on torch; SavedModel needs TensorFlow
+    proc = run_cli(["export", str(run), "--out", str(tmp_path / "deploy")],
+                   backend=backend, tensorflow=False)
+    assert "skipped savedmodel: the savedmodel format needs TensorFlow" in proc.stdout
+    written = {p.name for p in (tmp_path / "deploy").iterdir()}
+    assert written == ({"model.keras", "model.json", "model.onnx"} if backend == "torch"
+                       else {"model.keras", "model.json"})
+    proc = run_cli(["export", str(run), "--format", "savedmodel", "--out",
+                    str(tmp_path / "sm")], backend=backend, tensorflow=False, check=False)
+    assert proc.returncode == 2 and "pip install tensorflow" in proc.stderr
+    # bench: the PyDataset with the Keras engine, and a training step
+    proc = run_cli(["bench", "--data-dir", str(sample_dir), "--images", "16", "--steps", "1",
+                    *TRAIN], backend=backend, tensorflow=False)
+    figures = json.loads(proc.stdout)
+    assert set(figures["pipeline_images_per_s"]) == {"pydataset/originals/plain",
+                                                     "pydataset/originals/keras"}
+    assert figures["train_step"]["fit_input"] == "PyDataset"
+
+
+def test_keras_file_predicts_the_same_on_every_backend(runs, sample_dir):
+    out, _ = runs
+    paths = [str(sample_dir / "images" / f"{i}.png") for i in IDS]
+    code = (
+        "import json, numpy as np\n"
+        "from boneage_keras.images import load_image\n"
+        "from boneage_keras.model import load_model\n"
+        f"x = np.stack([load_image(p, 64) for p in {paths!r}]).astype('float32')\n"
+        "male = np.array([[1.0], [0.0], [1.0], [0.0]], 'float32')\n"
+        "out = {}\n"
+        "for name in ('torch', 'jax', 'tensorflow'):\n"
+        f"    m = load_model(r'{out}/' + name + '/best.keras')\n"
+        "    inputs = {'image': x, 'male': male} if len(m.inputs) == 2 else x\n"
+        "    out[name] = m.predict(inputs, verbose=0).ravel().tolist()\n"
+        "print(json.dumps(out))\n")
+    results = {backend: json.loads(run_python(code, backend).strip().splitlines()[-1])
+               for backend in ("torch", "jax", "tensorflow")}
+    for trained_on in ("torch", "jax", "tensorflow"):
+        reference = np.array(results[trained_on][trained_on])
+        for backend in ("torch", "jax", "tensorflow"):
+            np.testing.assert_allclose(results[backend][trained_on], reference, atol=0.01,
+                                       err_msg=f"trained on {trained_on}, run on {backend}")
+    # the models differ from one another (the comparison is not of constants)
+    assert np.ptp([results["torch"][name][0] for name in results]) > 1e-3
+
+
+def test_tensorflow_for_input_hides_the_gpu_from_tensorflow():
+    """On the torch backend, tf.data for input must never see a GPU: the GPUs are
+    hidden before TensorFlow's first op (and left to TensorFlow on its own backend)."""
+    code = (
+        "import tensorflow as tf\n"
+        "calls = []\n"
+        "real = tf.config.set_visible_devices\n"
+        "tf.config.set_visible_devices = lambda d, t=None: (calls.append((list(d), t)),"
+        " real(d, t))\n"
+        "from boneage_keras.loaders import tensorflow_for_input\n"
+        "tensorflow_for_input()\n"
+        "ds = tf.data.Dataset.range(4).map(lambda i: i * 2).batch(2)\n"
+        "assert [b.numpy().tolist() for b in ds] == [[0, 2], [4, 6]]\n"
+        "print(calls, tf.config.get_visible_devices('GPU'))\n")
+    assert run_python(code, "torch").strip().endswith("[([], 'GPU')] []")
+    assert run_python(code, "tensorflow").strip().startswith("[] ")
+
+
+def test_cli_module_does_not_import_tensorflow_for_torch(tmp_path):
+    """Importing the package and its CLI on torch leaves TensorFlow unloaded (a GPU
+    process should not pay its start-up or memory unless tf.data is used)."""
+    out = run_python("import sys, cli, boneage_keras.train, boneage_keras.evaluate, "
+                     "boneage_keras.explain, boneage_keras.export, boneage_keras.bench\n"
+                     "print('tensorflow' in sys.modules)", "torch")
+    assert out.strip() == "False", REPO

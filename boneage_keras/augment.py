@@ -27,6 +27,7 @@ runs inside the model: validation, evaluation and exported models see untouched 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,6 +219,7 @@ class Augmenter:
                  start_epoch: int = 0) -> None:
         self.engine = engine
         self.seed = seed
+        self.device: str | None = "cpu"   # keras engine; None: the backend's default
         self.stages = active_stages(cfg, image_size)
         self.tf_function: Callable | None = None
         self._traced: Callable | None = None
@@ -246,7 +248,7 @@ class Augmenter:
                 spec = tf.TensorSpec([None, None, None, 1], tf.float32)
                 self._traced = tf.function(self.tf_function, input_signature=[spec])
             return self._traced(images).numpy()
-        with keras.device("cpu"):
+        with keras.device(self.device) if self.device else contextlib.nullcontext():
             x = ops.convert_to_tensor(images)
             for layer in self.keras_layers(epoch, batch):
                 x = layer(x, training=True)

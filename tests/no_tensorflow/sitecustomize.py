@@ -7,8 +7,8 @@ layers check it). A path hook hides them, rather than ``sys.modules[name] = None
 (which Keras then mistakes for an imported TensorFlow) or a meta-path finder that
 raises (which breaks ``import torch._dynamo``).
 """
-import importlib.machinery as machinery
 import sys
+from importlib import machinery
 
 HIDDEN = {"tensorflow", "keras_cv", "tf_keras", "tensorflow_datasets", "tf2onnx"}
 

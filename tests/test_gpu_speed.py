@@ -1,0 +1,37 @@
+"""benchmarks/gpu_speed.py runs end to end on a CPU at a small size, so the GPU
+comparison stays alive between GPU sessions: native PyTorch, Keras on torch and JAX,
+and the input pipeline, in one table."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, backend_env
+
+
+def test_gpu_speed_script_runs_on_cpu(tmp_path, sample_dir):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_speed.py"), "--size", "32",
+         "--batches", "2", "--steps", "2", "--warmup", "1", "--quick", "--images", "16",
+         "--workers", "2", "--data-dir", str(sample_dir), "--out", str(out)],
+        cwd=tmp_path, env=backend_env("torch"), capture_output=True, text=True,
+        timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
+    contenders = {(r["contender"], r["variant"], r.get("precision")) for r in rows}
+    assert {("native", "eager", "bf16"), ("keras-torch", "eager", "fp32"),
+            ("keras-torch", "eager", "bf16"), ("keras-jax", "jit", "bf16"),
+            ("pipeline", "pydataset/keras", None)} <= contenders
+    # like is compared with like: the native anchor and our Keras model are the same
+    # network (ResNet50 + Dense256-Dropout-Dense1 head); Keras' ResNet50 adds conv
+    # biases (26,560 parameters), nothing else
+    native = next(r["parameters"] for r in rows if r["contender"] == "native")
+    for r in rows:
+        if r["contender"].startswith("keras"):
+            assert r["parameters"] - native == 26560, (r["contender"], r["parameters"])
+    # every training row is compared with native at its batch size and precision
+    assert all("ratio_to_native" in r for r in rows
+               if r["contender"] != "pipeline" and r["precision"] == "bf16")
+    assert "| native | eager | bf16 | 2 |" in proc.stdout

@@ -9,6 +9,7 @@ The Keras backend comes from KERAS_BACKEND (torch or tensorflow), e.g.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -24,24 +25,30 @@ class FriendlyGroup(click.Group):
     """Turns the package's input errors into one clear message and exit code 2."""
 
     def invoke(self, ctx: click.Context):
-        from boneage_keras.errors import BoneAgeError
-
         try:
             return super().invoke(ctx)
-        except BoneAgeError as err:
+        except Exception as err:
+            from boneage_keras.errors import BoneAgeError
+
+            if not isinstance(err, BoneAgeError):
+                raise
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
 
 
 @click.group(cls=FriendlyGroup)
-def cli() -> None:
+@click.option("--verbose", is_flag=True,
+              help="Also show TensorFlow's native start-up lines and debug logs.")
+def cli(verbose: bool) -> None:
     """Bone age (months) from hand radiographs with Keras 3."""
+    if verbose:
+        os.environ["BONEAGE_VERBOSE"] = "1"
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML config file (default: configs/default.yaml; not with --resume, "
-                   "the run holds its config).")
+@click.option("--config", "config_path", default=None,
+              help="YAML config file or packaged recipe name (default: default; "
+                   "not with --resume, the run holds its config).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Data folder (Kaggle or flat layout); default ./data/rsna-bone-age, "
                    "else download with kagglehub.")
@@ -66,7 +73,7 @@ def train(config_path: str | None, data_dir: str | None, overrides: tuple[str, .
                                    "drop --config (use --set train.epochs=N to extend).")
         result = resume(resume_dir, sets, verbose=verbose)
     else:
-        cfg = load_config(config_path or "configs/default.yaml", sets)
+        cfg = load_config(config_path or "default", sets)
         result = run_training(cfg, verbose=verbose)
     click.echo(f"run directory: {result.run_dir}")
     click.echo(f"best epoch {result.best_epoch} (in best.keras): " + ", ".join(
@@ -75,6 +82,8 @@ def train(config_path: str | None, data_dir: str | None, overrides: tuple[str, .
 
 def _print_metrics(metrics: dict) -> None:
     tol = metrics["tolerance_months"]
+    if "split_note" in metrics:
+        click.echo(f"images: {metrics['split_note']}")
     click.echo(f"n={metrics['n']}  MAE={metrics['mae']:.2f}  RMSE={metrics['rmse']:.2f}  "
                f"R2={metrics['r2']:.3f}  bias={metrics['bias']:+.2f}  "
                f"acc(+-{tol:g})={metrics['tolerance_accuracy']:.3f}")
@@ -101,10 +110,18 @@ def _print_metrics(metrics: dict) -> None:
                    f"mean width {u['mean_width']:.1f} months: {u['verdict']}")
 
 
+def _mc_samples(ctx, param, value: int) -> int:
+    if value == 1 or value < 0:
+        raise click.BadParameter(f"{value}: use 0 (off) or at least 2 samples.")
+    return value
+
+
 def _tta_option(f):
     f = click.option("--mc-samples", type=int, default=0, show_default=True,
-                     help="MC-dropout samples per image (> 1: std and 90% interval).")(f)
-    return click.option("--tta", type=int, default=1, show_default=True,
+                     callback=_mc_samples,
+                     help="MC-dropout samples per image (0 = off, >= 2: std and 90% "
+                          "interval).")(f)
+    return click.option("--tta", type=click.IntRange(1, 8), default=1, show_default=True,
                         help="Test-time augmentation views to average (1 = off, max 8).")(f)
 
 
@@ -120,7 +137,7 @@ def _tta_option(f):
                    "val); --model default all.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: RUN_DIR, or ./evaluation with --model).")
-@click.option("--tolerance", type=float, default=None,
+@click.option("--tolerance", type=click.FloatRange(0, min_open=True), default=None,
               help="Tolerance in months (default: the run's, else 12).")
 @_tta_option
 def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, tta,
@@ -159,7 +176,7 @@ def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, tta,
 def predict(model_paths, output, sex, tta, mc_samples, inputs) -> None:
     """Bone age for images, folders of images, or a Kaggle test CSV."""
     _setup_logging(False)
-    from boneage_keras.evaluate import predict_inputs
+    from boneage_keras.inference import predict_inputs
 
     # The progress bar prints to stdout, so it is shown only when the CSV goes to a file.
     result = predict_inputs(list(model_paths), inputs, sex, output,
@@ -168,6 +185,13 @@ def predict(model_paths, output, sex, tta, mc_samples, inputs) -> None:
         click.echo(result.to_csv(index=False, float_format="%.2f"), nl=False)
     else:
         click.echo(f"wrote {len(result)} predictions to {output}")
+    if "error" in result:
+        failed = result.loc[result["error"] != "", "id"].astype(str).tolist()
+        click.echo(f"error: {len(failed)} of {len(result)} images could not be read ("
+                   + ", ".join(failed[:5]) + (" ..." if len(failed) > 5 else "")
+                   + "); the others were predicted. See the error column"
+                   + (f" of {output}." if output else "."), err=True)
+        sys.exit(1)
 
 
 @cli.command()
@@ -191,8 +215,8 @@ def explain(model_path, inputs, out_dir, sex) -> None:
 @cli.command()
 @click.argument("a")
 @click.argument("b")
-@click.option("--resamples", type=int, default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resamples", type=click.IntRange(100), default=1000, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
               help="Also write the result as JSON.")
 def compare(a, b, resamples, seed, out_json) -> None:
@@ -202,7 +226,7 @@ def compare(a, b, resamples, seed, out_json) -> None:
     """
     import json
 
-    from boneage_keras.evaluate import compare_predictions
+    from boneage_keras.compare import compare_predictions
 
     result = compare_predictions(a, b, resamples, seed)
     o = result["overall"]
@@ -230,7 +254,7 @@ def compare(a, b, resamples, seed, out_json) -> None:
 @cli.command()
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False),
               help="The data folder to cache (Kaggle or flat layout).")
-@click.option("--size", type=int, default=256, show_default=True,
+@click.option("--size", type=click.IntRange(32), default=256, show_default=True,
               help="Cached side length; serves any image_size up to it.")
 @click.option("--resize", type=click.Choice(["pad", "stretch"]), default="pad",
               show_default=True)
@@ -246,14 +270,14 @@ def prepare(data_dir, size, resize, cache_dir) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              default="configs/default.yaml", show_default=True)
+@click.option("--config", "config_path", default="default", show_default=True,
+              help="YAML config file or packaged recipe name.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Images for the input-pipeline figures (skipped without it).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-@click.option("--images", type=int, default=300, show_default=True,
+@click.option("--images", type=click.IntRange(1), default=300, show_default=True,
               help="Images per pipeline pass (the data set repeated as needed).")
-@click.option("--steps", type=int, default=10, show_default=True,
+@click.option("--steps", type=click.IntRange(1), default=10, show_default=True,
               help="Timed training steps.")
 @click.option("--no-train", is_flag=True, help="Only the input pipelines.")
 def bench(config_path, data_dir, overrides, images, steps, no_train) -> None:
@@ -269,8 +293,8 @@ def bench(config_path, data_dir, overrides, images, steps, no_train) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              default="configs/cpu-bench.yaml", show_default=True)
+@click.option("--config", "config_path", default="cpu-bench", show_default=True,
+              help="YAML config file or packaged recipe name.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Labelled data to train on (as for train).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

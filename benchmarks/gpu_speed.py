@@ -158,9 +158,10 @@ def run_keras(size: int, batches: list[int], steps: int, warmup: int,
     import keras
     import numpy as np
 
+    from boneage_keras.backend import gpu_available, mixed_precision_policy
     from boneage_keras.config import load_config
     from boneage_keras.model import build_model
-    from boneage_keras.train import compile_model, gpu_available, mixed_precision_policy
+    from boneage_keras.train import compile_model
 
     class Batches(keras.utils.PyDataset):
         """The same batch ``n`` times (no workers): fit's own loop, no input cost."""

@@ -28,7 +28,6 @@ runs inside the model: validation, evaluation and exported models see untouched 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from .backend import importable, tensorflow_for_input
 from .config import AugmentConfig, ConfigError
 
 VALUE_RANGE = (0.0, 255.0)
@@ -48,8 +48,7 @@ BLUR_SIGMA = (0.1, 1.5)
 
 def tensorflow_available() -> bool:
     """Whether TensorFlow and keras-cv can be imported here (without importing them)."""
-    return all(importlib.util.find_spec(name) is not None
-               for name in ("tensorflow", "keras_cv"))
+    return importable("tensorflow", "keras_cv")
 
 
 def resolve_engine(engine: str) -> str:
@@ -224,6 +223,7 @@ class Augmenter:
         self.tf_function: Callable | None = None
         self._traced: Callable | None = None
         if engine == "keras-cv":
+            tensorflow_for_input()      # quietly, and off the GPU, before keras-cv
             from .augment_kerascv import build_stack
 
             self.tf_function = build_stack(

@@ -18,12 +18,13 @@ import keras
 import numpy as np
 import pandas as pd
 
+from .backend import gpu_available, mixed_precision_policy
 from .cache import find_cache
 from .config import Config
 from .data import load_dataset
 from .images import load_image
 from .model import build_model
-from .train import StopOnSignal, compile_model, gpu_available, mixed_precision_policy
+from .train import StopOnSignal, compile_model
 
 
 def _repeat_table(table: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -94,11 +95,8 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
     try:
         model = compile_model(build_model(cfg), cfg)
         if importlib.util.find_spec("tensorflow") is not None:
-            from .loaders import (
-                PREFETCH_BATCHES,
-                pipeline_options,
-                tensorflow_for_input,
-            )
+            from .backend import tensorflow_for_input
+            from .loaders import PREFETCH_BATCHES, pipeline_options
 
             tf = tensorflow_for_input()
             data = (tf.data.Dataset.from_tensors((x, y)).repeat(steps).cache()

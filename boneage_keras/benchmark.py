@@ -12,7 +12,6 @@ running the same command again: finished variants are reused, a half-trained one
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pandas as pd
 
 from .config import load_config
 from .evaluate import evaluate_run
+from .files import write_json
 from .train import train
 
 VARIANTS = (("image", False), ("image+sex", True))
@@ -85,5 +85,5 @@ def learning_benchmark(config_path: str | Path, overrides: list[str], out_dir: s
                "mc_samples": mc_samples, "backbone": cfg.model.backbone,
                "image_size": cfg.data.image_size, "epochs": cfg.train.epochs,
                "max_images": cfg.data.max_images, "rows": rows}
-    (out_dir / "benchmark.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "benchmark.json", summary)
     return summary

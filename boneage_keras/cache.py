@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import load_dataset
+from . import console
+from .data import CACHE_DIRNAME, load_dataset
 from .errors import BoneAgeError
+from .files import write_csv, write_json
 from .images import center_crop, decode_size, load_image, read_gray, resize_gray
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 
 class CacheError(BoneAgeError, RuntimeError):
     """The cache cannot be written where asked; the message says where to put it instead."""
-CACHE_DIRNAME = ".boneage-cache"
 CHUNK = 256
 
 
@@ -87,18 +88,15 @@ def _read_meta(folder: Path) -> dict | None:
 
 
 def _write_meta(folder: Path, meta: dict) -> None:
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(folder / "meta.json")
+    write_json(folder / "meta.json", meta)
 
 
 def prepare_cache(data_dir: str | Path, size: int, resize: str = "pad",
                   cache_dir: str | Path | None = None, strict: bool = False,
                   progress: bool = True) -> dict:
     """Build (or finish, or confirm) the cache of ``data_dir`` at ``size``; returns meta."""
-    import keras
 
-    table, _, root = load_dataset(data_dir, strict=strict)
+    table, _, root = load_dataset(data_dir, strict=strict, cache_dir=cache_dir)
     folder = cache_root(root, cache_dir) / f"{size}-{resize}"
     want = {"version": 1, "size": size, "resize": resize, "rows": len(table),
             "fingerprint": fingerprint(table)}
@@ -121,8 +119,7 @@ def prepare_cache(data_dir: str | Path, size: int, resize: str = "pad",
                          "data.cache_dir=DIR when training).") from err
     done = meta["rows_done"] if meta else 0
     if meta is None:
-        table[["id"]].assign(row=np.arange(len(table))).to_csv(folder / "index.csv",
-                                                                index=False)
+        write_csv(folder / "index.csv", table[["id"]].assign(row=np.arange(len(table))))
         images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(table), size, size))
         meta = {**want, "rows_done": 0, "complete": False}
@@ -130,7 +127,7 @@ def prepare_cache(data_dir: str | Path, size: int, resize: str = "pad",
     else:
         images = np.load(folder / "images.npy", mmap_mode="r+")
         log.info("resuming cache %s at image %d of %d", folder, done, len(table))
-    bar = keras.utils.Progbar(len(table), unit_name="image") if progress else None
+    bar = console.progress(len(table), unit_name="image") if progress else None
     if bar is not None and done:
         bar.update(done)
     paths = table["path"].tolist()

@@ -45,6 +45,7 @@ class DataConfig:
     test_fraction: float = 0.0
     max_images: int | None = None  # use a seeded random subset (quick experiments)
     strict: bool = False  # unreadable images are errors instead of skipped
+    max_unreadable: int = 10  # images that fail to decode mid-run: skipped up to this
     age_range: list[float] = field(default_factory=lambda: [0.0, 240.0])  # months kept
     loader: Literal["auto", "tfdata", "pydataset"] = "auto"  # auto: tfdata if TF imports
     workers: int = 2
@@ -226,6 +227,7 @@ def _validate(cfg: Config) -> None:
     check(d.max_images is None or d.max_images >= 10, "data.max_images", d.max_images,
           "null or an integer >= 10")
     check(d.workers >= 1, "data.workers", d.workers, "an integer >= 1")
+    check(d.max_unreadable >= 0, "data.max_unreadable", d.max_unreadable, "an integer >= 0")
     check(len(d.age_range) == 2 and all(map(finite, d.age_range))
           and 0 <= d.age_range[0] < d.age_range[1], "data.age_range", d.age_range,
           "[low, high] months with 0 <= low < high (RSNA: [0, 240])")
@@ -347,12 +349,36 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], yaml.safe_load(value) if value.strip() else None
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The recipes shipped with the package (``configs/*.yaml``), by name."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):   # installed, checkout
+        if folder.is_dir() and any(folder.glob("*.yaml")):
+            return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    return {}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: ``path`` if it exists, else a packaged recipe of that name
+    (``default``, ``default.yaml`` or ``configs/default.yaml`` work from any folder)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    recipes = packaged_configs()
+    name = given.name.removesuffix(".yaml")
+    if name in recipes and (given.parent == Path(".") or given.parent.name == "configs"):
+        return recipes[name]
+    raise ConfigError(f"config file not found: {path}. Pass a YAML file or one of the "
+                      "packaged recipes: " + ", ".join(recipes) + ".")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (with its ``base`` chain) and apply dotted overrides."""
+    """Load a YAML config (a file, or a packaged recipe by name, with its ``base``
+    chain) and apply dotted overrides."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = _read_yaml(resolve_config_path(path))
         source = str(path)
         raw.setdefault("name", Path(path).stem)
     for text in overrides or []:

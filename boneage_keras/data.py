@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BoneAgeError
+from .files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ DEFAULT_DATA_DIR = Path("data") / "rsna-bone-age"
 KAGGLE_DATASET = "kmader/rsna-bone-age"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 AGE_GROUPS = ((0, 60), (61, 120), (121, 180), (181, 240))
+CACHE_DIRNAME = ".boneage-cache"   # prepared images and the decode record live here
+DECODED_RECORD = "decoded.csv"
 AGE_RANGE = (0.0, 240.0)   # months: the RSNA labels' range (config data.age_range)
 
 
@@ -122,15 +125,31 @@ def download_dataset() -> Path:
     return Path(path)
 
 
-def _parse_male(value: object) -> bool | None:
+SEX_VALUES = {"male": ("m", "male", "true", "1", "1.0"),
+              "female": ("f", "female", "false", "0", "0.0")}
+
+
+def parse_sex(value: object) -> bool | None:
+    """The one reading of a patient's sex, for labels (``male`` column), test CSVs
+    (``Sex``), ``--sex`` and DICOM headers: True = male, False = female, None = not
+    one of ``SEX_VALUES`` (M/F, male/female, true/false, 1/0; any case)."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     text = str(value).strip().lower()
-    if text in ("true", "1", "m", "male", "1.0"):
+    if text in SEX_VALUES["male"]:
         return True
-    if text in ("false", "0", "f", "female", "0.0"):
+    if text in SEX_VALUES["female"]:
         return False
     return None
+
+
+def sex_or_error(value: object, where: str) -> bool:
+    """:func:`parse_sex`, or a DataError naming ``where`` and the accepted values."""
+    male = parse_sex(value)
+    if male is None:
+        raise DataError(f"{where}: sex {value!r} is not one of M/F, male/female, "
+                        "true/false, 1/0.")
+    return male
 
 
 def _find_image(image_dir: Path, image_id: str) -> Path | None:
@@ -155,26 +174,70 @@ def read_labels(labels_csv: Path) -> pd.DataFrame:
     return df
 
 
-def image_is_readable(path: Path) -> bool:
-    """Cheap integrity check: PNG/JPEG header and chunk checksums, no full decode."""
+def decode_problem(path: str) -> str | None:
+    """None if the image decodes completely (every pixel, not only the header), else
+    the reason it does not."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:  # noqa: BLE001 (PIL raises many types for broken files)
-        return False
+            im.load()
+        return None
+    except Exception as err:  # noqa: BLE001 (PIL raises many types for broken files)
+        return f"{type(err).__name__}: {err}"
+
+
+def verify_images(paths: list[str], record_dir: Path | None) -> dict[str, str]:
+    """Decode every image once; returns {path: reason} for those that fail.
+
+    What was decoded is remembered in ``record_dir/decoded.csv`` by (path, byte size,
+    modification time), so a data set is paid for once, not at every command; an image
+    that changes is decoded again. Without a writable ``record_dir`` nothing is kept.
+    """
+    stats = {p: os.stat(p) for p in paths}
+    known: dict[str, str] = {}
+    record = record_dir / DECODED_RECORD if record_dir is not None else None
+    if record is not None and record.is_file():
+        try:
+            old = pd.read_csv(record, dtype={"path": str, "problem": str},
+                              keep_default_na=False)
+            for row in old.itertuples(index=False):
+                st = stats.get(row.path)
+                if st is not None and (st.st_size, st.st_mtime_ns) == (row.size,
+                                                                       row.mtime_ns):
+                    known[row.path] = row.problem
+        except (OSError, ValueError, AttributeError, pd.errors.ParserError):
+            known = {}
+    todo = [p for p in paths if p not in known]
+    if todo:
+        if len(todo) > 500:
+            log.info("decoding %d images once to check them (remembered in %s)", len(todo),
+                     record or "memory only")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            known.update(zip(todo, (p or "" for p in pool.map(decode_problem, todo))))
+        if record is not None:
+            table = pd.DataFrame({"path": list(known),
+                                  "size": [stats[p].st_size if p in stats
+                                           else -1 for p in known],
+                                  "mtime_ns": [stats[p].st_mtime_ns if p in stats
+                                               else -1 for p in known],
+                                  "problem": list(known.values())})
+            try:
+                record_dir.mkdir(parents=True, exist_ok=True)
+                write_csv(record, table)
+            except OSError:
+                log.info("cannot remember decoded images in %s (not writable)", record_dir)
+    return {p: known[p] for p in paths if known[p]}
 
 
 def clean_table(df: pd.DataFrame, image_dir: Path, check_images: bool = True,
                 strict: bool = False, source: str = "labels",
                 age_range: tuple[float, float] | list[float] = AGE_RANGE,
-                ) -> tuple[pd.DataFrame, CleaningReport]:
+                record_dir: Path | None = None) -> tuple[pd.DataFrame, CleaningReport]:
     """Drop rows that cannot be trained on, reporting each reason with counts and ids:
     ages that are missing, not numbers or not finite (``bad_label``), ages outside
     ``age_range`` months (``age_out_of_range``), unreadable sex, duplicate ids, missing
-    or undecodable images.
+    or undecodable images (every image is decoded once; see :func:`verify_images`).
 
     With ``strict`` any dropped row is an error instead.
     """
@@ -190,7 +253,7 @@ def clean_table(df: pd.DataFrame, image_dir: Path, check_images: bool = True,
     report.age_out_of_range = df.loc[outside, "id"].tolist()
     df = df.loc[~outside].assign(boneage=ages[~outside])
 
-    male = df["male"].map(_parse_male)
+    male = df["male"].map(parse_sex)
     bad = male.isna()
     report.bad_sex = df.loc[bad, "id"].tolist()
     df = df.loc[~bad].assign(male=male[~bad].astype(bool))
@@ -204,11 +267,11 @@ def clean_table(df: pd.DataFrame, image_dir: Path, check_images: bool = True,
     df = df.loc[paths.notna()].assign(path=paths[paths.notna()].map(lambda p: str(p.resolve())))
 
     if check_images and len(df):
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            ok = np.array(list(pool.map(lambda p: image_is_readable(Path(p)), df["path"])))
+        problems = verify_images(df["path"].tolist(), record_dir)
+        ok = ~df["path"].isin(problems).to_numpy()
         report.unreadable_image = df.loc[~ok, "id"].tolist()
         for path in df.loc[~ok, "path"]:
-            log.warning("skipping unreadable image %s", path)
+            log.warning("skipping unreadable image %s (%s)", path, problems[path])
         df = df.loc[ok]
     report.rows_kept = len(df)
 
@@ -224,14 +287,18 @@ def clean_table(df: pd.DataFrame, image_dir: Path, check_images: bool = True,
 def load_dataset(data_dir: str | Path | None, strict: bool = False,
                  check_images: bool = True,
                  age_range: tuple[float, float] | list[float] = AGE_RANGE,
+                 cache_dir: str | Path | None = None,
                  ) -> tuple[pd.DataFrame, CleaningReport, Path]:
-    """Find, read and clean a data set; returns (table, report, data_dir)."""
+    """Find, read and clean a data set; returns (table, report, data_dir). What was
+    decoded is remembered in ``cache_dir`` (default ``data_dir/.boneage-cache``)."""
     root = resolve_data_dir(data_dir)
     layout = find_layout(root)
     df = read_labels(layout.labels_csv)
     table, report = clean_table(df, layout.image_dir, check_images=check_images,
                                 strict=strict, source=str(layout.labels_csv),
-                                age_range=age_range)
+                                age_range=age_range,
+                                record_dir=Path(cache_dir) if cache_dir else root
+                                / CACHE_DIRNAME)
     log.info("%s: %s", layout.labels_csv, report.summary())
     return table, report, root
 

@@ -11,9 +11,8 @@ crop), read from the model itself, never re-specified by the user.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,20 +22,15 @@ import pandas as pd
 
 from .cache import reader_for
 from .config import load_config
-from .data import (
-    AGE_GROUPS,
-    IMAGE_SUFFIXES,
-    DataError,
-    age_group_label,
-    assign_age_group,
-    load_dataset,
-)
+from .data import DataError, load_dataset
+from .files import check_output_dir, write_csv, write_json
 from .images import load_image
 from .inference import (
     KerasPredictor,
     ModelFileError,
     Prediction,
     as_members,
+    extra_columns,
     open_members,
     open_model,
     predict_images,
@@ -44,7 +38,6 @@ from .inference import (
 from .metrics import (
     full_report,
     interval_calibration,
-    paired_bootstrap_mae,
     regression_report,
 )
 from .plots import (
@@ -57,6 +50,12 @@ from .plots import (
 )
 
 log = logging.getLogger(__name__)
+SPLIT_NOTES = {
+    "val": "validation split, used for model selection: optimistic (it chose the "
+           "checkpoint and stopped training); give the run a test split "
+           "(data.test_fraction) for an unbiased figure",
+    "test": "test split: held out from training and model selection",
+}
 FIGURES = ("scatter.png", "age_groups.png", "error_histogram.png", "bland_altman.png",
            "examples.png")
 
@@ -80,19 +79,6 @@ def predictions_table(table: pd.DataFrame, prediction: Prediction,
         "error": error, "within_tolerance": np.abs(error) <= tolerance_months,
     })
     return pd.concat([preds, extra_columns(prediction)], axis=1)
-
-
-def extra_columns(prediction: Prediction) -> pd.DataFrame:
-    """The TTA, ensemble and uncertainty columns of predictions tables."""
-    extra: dict[str, np.ndarray] = {}
-    if prediction.views > 1:
-        extra["predicted_no_tta"] = prediction.no_tta
-    if len(prediction.members) > 1:
-        for k, member in enumerate(prediction.members):
-            extra[f"member_{k}"] = member
-    if prediction.std is not None:
-        extra.update(std=prediction.std, lower90=prediction.lower, upper90=prediction.upper)
-    return pd.DataFrame(extra)
 
 
 def _example_figure(table: pd.DataFrame, preds: pd.DataFrame, out_png: Path,
@@ -151,9 +137,10 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                    history_csv: Path | None = None,
                    cache_dir: str | Path | None = None,
                    data_dir: str | Path | None = None, tta: int = 1,
-                   mc_samples: int = 0) -> EvaluationResult:
+                   mc_samples: int = 0, split_note: str | None = None) -> EvaluationResult:
     """Predict ``table`` (id, boneage, male, path) with a model or an ensemble (a list),
-    write metrics, predictions, figures and report.
+    write metrics, predictions, figures and report (``split_note``: what the evaluated
+    images are, e.g. that they chose the checkpoint, said in metrics.json and report).
 
     Images come from a prepared cache of ``data_dir`` when one fits the model. With
     ``tta`` > 1 the metrics also hold MAE without TTA; with ``mc_samples`` > 1 or
@@ -161,7 +148,7 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
     from .plots import plot_calibration
     from .report import write_report
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, "--out")
     members = as_members(model)
     readers = [reader_for(table, data_dir, m.preprocessing["image_size"],
                           m.preprocessing["resize"], cache_dir) for m in members]
@@ -172,8 +159,10 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                           tolerance_months)
     metrics.update(_extra_metrics(preds, prediction, mc_samples, tolerance_months))
     metrics["title"] = title
-    preds.to_csv(out_dir / "predictions.csv", index=False)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if split_note:
+        metrics["split_note"] = split_note
+    write_csv(out_dir / "predictions.csv", preds)
+    write_json(out_dir / "metrics.json", metrics)
     files = [out_dir / "predictions.csv", out_dir / "metrics.json"]
     files.append(plot_scatter(preds["boneage"], preds["predicted"], out_dir / FIGURES[0]))
     files.append(plot_age_groups(metrics["by_age_group"], out_dir / FIGURES[1],
@@ -233,6 +222,7 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     first = runs[0]
     cfg = load_config(first / "config.yaml")
     rows = _split_rows(first / "split.csv", split)
+    evaluated = set(rows["split"])
     for run in runs[1:]:
         _check_held_out(rows, run)
     models = [KerasPredictor(open_model(run / "best.keras"), run.name) for run in runs]
@@ -253,7 +243,9 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
                           history_csv=first / "history.csv" if len(runs) == 1 else None,
                           cache_dir=cfg.data.cache_dir if cfg.data.use_cache else None,
                           data_dir=(data_dir or cfg.data.data_dir) if cfg.data.use_cache
-                          else None, tta=tta, mc_samples=mc_samples)
+                          else None, tta=tta, mc_samples=mc_samples,
+                          split_note=SPLIT_NOTES.get("val") if evaluated == {"val"}
+                          else SPLIT_NOTES.get("test") if evaluated == {"test"} else None)
 
 
 def _check_held_out(rows: pd.DataFrame, run: Path) -> None:
@@ -291,145 +283,3 @@ def evaluate_model(model_path: str | Path | Sequence[str | Path], data_dir: str 
                           tolerance_months, title=f"{name} on {Path(data_dir).name} ({split})",
                           config_summary=summary, data_dir=data_dir, tta=tta,
                           mc_samples=mc_samples)
-
-
-def _parse_sex(value: Any, where: str) -> bool:
-    text = str(value).strip().upper()
-    if text in ("M", "MALE", "TRUE", "1"):
-        return True
-    if text in ("F", "FEMALE", "FALSE", "0"):
-        return False
-    raise DataError(f"{where}: sex {value!r} is not M/F (or male True/False).")
-
-
-def collect_inputs(inputs: Iterable[str | Path], sex: str | None = None) -> pd.DataFrame:
-    """Image files, folders of images, or a Kaggle test CSV -> table id, path, male.
-
-    The Kaggle test layout is ``boneage-test-dataset.csv`` (``Case ID``, ``Sex``) with
-    images in ``boneage-test-dataset/`` beside it; a labels CSV with ``id`` and
-    ``male`` columns and images in ``images/`` works too.
-    """
-    rows: list[dict[str, Any]] = []
-    default_male = _parse_sex(sex, "--sex") if sex is not None else None
-    for item in map(Path, inputs):
-        if item.suffix.lower() == ".csv":
-            rows.extend(_rows_from_csv(item))
-        elif item.is_dir():
-            files = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise DataError(f"{item}: folder holds no .png/.jpg images.")
-            rows.extend({"id": p.stem, "path": str(p), "male": default_male} for p in files)
-        elif item.is_file():
-            rows.append({"id": item.stem, "path": str(item), "male": default_male})
-        else:
-            raise DataError(f"input not found: {item}. Give image files, folders of images "
-                            "or a test CSV.")
-    if not rows:
-        raise DataError("no input given: pass image files, folders or a test CSV.")
-    return pd.DataFrame(rows)
-
-
-def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
-    table = pd.read_csv(csv, dtype=str)
-    id_col = "Case ID" if "Case ID" in table else "id" if "id" in table else None
-    if id_col is None:
-        raise DataError(f"{csv}: no 'Case ID' (Kaggle test CSV) or 'id' column.")
-    sex_col = "Sex" if "Sex" in table else "male" if "male" in table else None
-    folders = [csv.parent / csv.stem, csv.parent / csv.stem / csv.stem, csv.parent / "images",
-               csv.parent]
-    rows = []
-    for n, record in enumerate(table.to_dict("records"), start=2):
-        image_id = str(record[id_col]).strip()
-        path = next((f / f"{image_id}{s}" for f in folders for s in IMAGE_SUFFIXES
-                     if (f / f"{image_id}{s}").is_file()), None)
-        if path is None:
-            raise DataError(f"{csv}, line {n}: no image for id {image_id} in "
-                            + ", ".join(str(f) for f in folders[:3]) + ".")
-        male = _parse_sex(record[sex_col], f"{csv}, line {n}") if sex_col else None
-        rows.append({"id": image_id, "path": str(path), "male": male})
-    return rows
-
-
-def sex_column(table: pd.DataFrame, use_sex: bool) -> np.ndarray | None:
-    """The ``male`` column of a :func:`collect_inputs` table for a model that takes the
-    sex (None for one that does not); a missing value is an error, never a default."""
-    if not use_sex:
-        return None
-    unknown = table["male"].isna()
-    if unknown.any():
-        raise DataError(f"this model needs the patient's sex; none given for "
-                        f"{table.loc[unknown, 'id'].iloc[0]} (use --sex M|F or a CSV "
-                        "with a Sex column).")
-    return table["male"].astype(bool).to_numpy()
-
-
-def predict_inputs(model_path: str | Path | Sequence[str | Path],
-                   inputs: Iterable[str | Path], sex: str | None = None,
-                   output: str | Path | None = None, progress: bool = True, tta: int = 1,
-                   mc_samples: int = 0) -> pd.DataFrame:
-    """Predict bone age for images/folders/test CSVs with a model or an ensemble;
-    optionally write a CSV. Columns: id, [male], predicted, and with TTA, several
-    models or MC samples: predicted_no_tta, member_K, std, lower90, upper90."""
-    paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
-    members = open_members(paths)
-    table = collect_inputs(inputs, sex)
-    use_sex = any(m.preprocessing["use_sex"] for m in members)
-    male = sex_column(table, use_sex)
-    prediction = predict_images(members, table["path"].tolist(), male, tta=tta,
-                                mc_samples=mc_samples, progress=progress)
-    result = pd.DataFrame({"id": table["id"], "predicted": prediction.predicted})
-    if use_sex:
-        result.insert(1, "male", male)
-    result = pd.concat([result, extra_columns(prediction)], axis=1)
-    if output is not None:
-        result.to_csv(output, index=False)
-    return result
-
-
-def _read_predictions(source: str | Path) -> tuple[pd.DataFrame, str]:
-    path = Path(source)
-    if path.is_dir():
-        path = path / "predictions.csv"
-    if not path.is_file():
-        raise DataError(f"no predictions at {path}: run `cli.py evaluate` on that run first, "
-                        "or pass a predictions.csv.")
-    table = pd.read_csv(path, dtype={"id": str})
-    missing = [c for c in ("id", "boneage", "predicted") if c not in table]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected a "
-                        "predictions.csv written by `cli.py evaluate`.")
-    return table, str(path)
-
-
-def compare_predictions(a: str | Path, b: str | Path, n_resamples: int = 1000,
-                        seed: int = 0) -> dict[str, Any]:
-    """Paired bootstrap of MAE(B) - MAE(A) on the ids both predicted, overall and per
-    age group; ids present in only one file are listed, not silently dropped."""
-    table_a, path_a = _read_predictions(a)
-    table_b, path_b = _read_predictions(b)
-    both = table_a.merge(table_b, on="id", suffixes=("_a", "_b"))
-    if both.empty:
-        raise DataError(f"{path_a} and {path_b} share no ids; compare predictions of the "
-                        "same images.")
-    disagree = np.abs(both["boneage_a"] - both["boneage_b"]) > 1e-6
-    if disagree.any():
-        raise DataError(f"{path_a} and {path_b} disagree on the true age of id "
-                        f"{both.loc[disagree, 'id'].iloc[0]}: not the same labels.")
-    truth = both["boneage_a"].to_numpy(np.float64)
-    err_a = np.abs(both["predicted_a"].to_numpy(np.float64) - truth)
-    err_b = np.abs(both["predicted_b"].to_numpy(np.float64) - truth)
-    result: dict[str, Any] = {
-        "a": path_a, "b": path_b,
-        "only_in_a": sorted(set(table_a["id"]) - set(table_b["id"])),
-        "only_in_b": sorted(set(table_b["id"]) - set(table_a["id"])),
-        "overall": paired_bootstrap_mae(err_a, err_b, n_resamples, seed),
-        "by_age_group": {},
-    }
-    groups = assign_age_group(truth)
-    for low, high in AGE_GROUPS:
-        label = age_group_label(low, high)
-        mask = groups == label
-        result["by_age_group"][label] = (
-            paired_bootstrap_mae(err_a[mask], err_b[mask], n_resamples, seed)
-            if mask.sum() >= 2 else {"n": int(mask.sum())})
-    return result

@@ -28,8 +28,15 @@ import pandas as pd
 from keras import ops
 
 from .data import DataError
+from .files import check_output_dir, replacing, write_csv
 from .images import load_image
-from .inference import KerasPredictor, ModelFileError, open_predictor
+from .inference import (
+    KerasPredictor,
+    ModelFileError,
+    collect_inputs,
+    open_predictor,
+    sex_column,
+)
 from .model import preprocessing_of
 
 
@@ -138,7 +145,6 @@ def explain_images(model_path: str | Path, inputs: Iterable[str | Path],
                    batch_size: int = 16) -> pd.DataFrame:
     """Write ``<id>_gradcam.png`` overlays, ``gradcam_grid.png`` and ``heatmaps.npz``
     (id -> map) for images/folders/test CSVs; returns id, predicted, figure."""
-    from .evaluate import collect_inputs, sex_column
     from .plots import plot_examples, plot_heatmap
 
     predictor = open_predictor(model_path)
@@ -150,8 +156,7 @@ def explain_images(model_path: str | Path, inputs: Iterable[str | Path],
     table = collect_inputs(inputs, sex)
     pre = predictor.preprocessing
     male = sex_column(table, pre["use_sex"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(out_dir, "--out")
     rows, maps, shown = [], {}, []
     for start in range(0, len(table), batch_size):
         chunk = table.iloc[start:start + batch_size]
@@ -166,11 +171,12 @@ def explain_images(model_path: str | Path, inputs: Iterable[str | Path],
             maps[str(image_id)] = h.astype(np.float16)
             if len(shown) < 12:
                 shown.append((image, h, f"id {image_id}\npred {m:.0f}"))
-    np.savez_compressed(out_dir / "heatmaps.npz", **maps)
+    with replacing(out_dir / "heatmaps.npz") as tmp:
+        np.savez_compressed(tmp, **maps)
     columns = min(6, len(shown))
     plot_examples([s[0] for s in shown], [s[2] for s in shown], columns,
                   out_dir / "gradcam_grid.png", title="Grad-CAM", row_labels=(),
                   heatmaps=[s[1] for s in shown])
     result = pd.DataFrame(rows)
-    result.to_csv(out_dir / "explanations.csv", index=False)
+    write_csv(out_dir / "explanations.csv", result)
     return result

@@ -76,7 +76,7 @@ def _source(source: str | Path) -> tuple[Path, Path | None]:
 
 
 def _metadata(model_path: Path, run_dir: Path | None, formats: list[str]) -> dict[str, Any]:
-    from .evaluate import open_model
+    from .inference import open_model
     from .model import preprocessing_of
 
     model = open_model(model_path)
@@ -185,11 +185,11 @@ def export_model(source: str | Path, formats: Iterable[str], out_dir: str | Path
     except OSError as err:
         raise ExportError(f"cannot write --out {out} ({err.strerror}); choose a writable "
                           "folder.") from None
-    meta = _metadata(model_path, run_dir, wanted)
-    meta["written_by"] = EXPORT_MARK
-    if skipped:
-        meta["skipped"] = skipped
     try:
+        meta = _metadata(model_path, run_dir, wanted)
+        meta["written_by"] = EXPORT_MARK
+        if skipped:
+            meta["skipped"] = skipped
         if "keras" in wanted:
             _save_inference_keras(model_path, partial / "model.keras")
         if "onnx" in wanted:

@@ -19,7 +19,44 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import BoneAgeError
+
 TMP_MARK = ".tmp-"
+
+
+class OutputError(BoneAgeError):
+    """An output file or folder cannot be written; the message names the flag."""
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Before any work: ``path``'s folder exists and is writable (``flag`` names the
+    option in the message)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a folder; give a file name, e.g. "
+                          f"{path / 'predictions.csv'}.")
+    if not folder.is_dir():
+        raise OutputError(f"{flag} {path}: the folder {folder} does not exist; create it "
+                          "or choose another path.")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{flag} {path}: the folder {folder} is not writable; choose "
+                          "another path.")
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str) -> Path:
+    """Before any work: make ``path`` (and its parents) and check that it is writable."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: cannot write there ({err.strerror}); choose a "
+                          "writable folder.") from None
+    return path
 
 
 def temporary_name(path: Path) -> Path:

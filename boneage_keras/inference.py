@@ -19,18 +19,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
+import pandas as pd
 
-from .data import DataError
+from . import console
+from .data import IMAGE_SUFFIXES, DataError, sex_or_error
 from .errors import BoneAgeError
-from .images import load_image
+from .files import check_output_file, write_csv
+from .images import ImageError, load_image
 from .model import load_model, preprocessing_of
 
 Z90 = 1.6448536269514722   # two-sided 90% normal quantile
@@ -101,11 +105,21 @@ class SavedModelPredictor:
     """An exported SavedModel, through its ``preprocessed`` signature."""
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
-        import tensorflow as tf
-
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise ModelFileError(f"{path} is a TensorFlow SavedModel and TensorFlow is not "
+                                 "installed here: pip install tensorflow, or use the "
+                                 "model.keras or model.onnx of the same export.") from None
         self.tf = tf
         self.name = str(path)
-        self.signature = tf.saved_model.load(str(path)).signatures["preprocessed"]
+        try:
+            self.signature = tf.saved_model.load(str(path)).signatures["preprocessed"]
+        except Exception as err:  # noqa: BLE001 (TF raises many types for broken files)
+            raise ModelFileError(f"{path} cannot be loaded as a SavedModel written by "
+                                 f"`cli.py export` ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:200]}); export it again."
+                                 ) from None
         self.preprocessing = _preprocessing_from_meta(meta)
 
     def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
@@ -125,9 +139,25 @@ class OnnxPredictor:
             raise ModelFileError("onnxruntime is not installed: pip install onnxruntime "
                                  f"to run {path}.") from None
         self.name = str(path)
-        self.session = onnxruntime.InferenceSession(str(path))
-        self.names = [i.name for i in self.session.get_inputs()]
+        try:
+            self.session = onnxruntime.InferenceSession(str(path))
+        except Exception as err:  # noqa: BLE001 (onnxruntime raises its own types)
+            raise ModelFileError(f"{path} is not a readable ONNX model "
+                                 f"({str(err).splitlines()[0][:200]}); export it again "
+                                 "with `cli.py export`.") from None
+        inputs = self.session.get_inputs()
+        self.names = [i.name for i in inputs]
         self.preprocessing = _preprocessing_from_meta(meta)
+        size = self.preprocessing["image_size"]
+        shape = list(inputs[0].shape)
+        if len(shape) != 4 or shape[1:3] != [size, size]:
+            raise ModelFileError(f"{path} takes images of shape {shape}, but its model.json "
+                                 f"says input_size {size}: the two come from different "
+                                 "exports; keep each model.onnx with its own model.json.")
+        if len(inputs) != (2 if self.preprocessing["use_sex"] else 1):
+            raise ModelFileError(f"{path} has {len(inputs)} input(s), but its model.json "
+                                 f"says use_sex={self.preprocessing['use_sex']}: they come "
+                                 "from different exports.")
 
     def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
         feeds = {self.names[0]: images}
@@ -146,7 +176,11 @@ def _export_meta(path: Path) -> dict[str, Any]:
     for candidate in (path.parent / "model.json", path / "model.json",
                       path.parent.parent / "model.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            try:
+                return json.loads(candidate.read_text())
+            except ValueError as err:
+                raise ModelFileError(f"{candidate} is not valid JSON ({err}); export the "
+                                     "model again.") from None
     raise ModelFileError(f"{path}: no model.json found beside it; SavedModel and ONNX files "
                          "are read with the model.json that `cli.py export` writes.")
 
@@ -159,6 +193,10 @@ def open_model(path: str | Path) -> keras.Model:
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}. Pass a .keras file written by "
                              "`cli.py train` (e.g. runs/NAME/best.keras) or a run directory.")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path} is not a Keras model file (a .keras file is a zip "
+                             "archive; this one is not, so it is damaged or something "
+                             "else renamed). Pass a .keras file written by `cli.py train`.")
     try:
         model = load_model(str(path))
     except Exception as err:  # noqa: BLE001 (any failure means: not a usable model)
@@ -232,6 +270,7 @@ class Prediction:
     names: list[str]
     views: int = 1
     std: np.ndarray | None = None
+    failed: dict[int, str] = field(default_factory=dict)   # index -> why unreadable
 
     @property
     def lower(self) -> np.ndarray | None:
@@ -248,15 +287,25 @@ def _check_sex(members: list[Any], male: np.ndarray | None) -> None:
                         "(a male/Sex column, or --sex M|F for single images).")
 
 
+def _try_read(read: Callable[..., np.ndarray], path: str, size: int, resize: str,
+              crop: bool) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return read(path, size, resize, crop), None
+    except ImageError as err:
+        return None, str(err)
+
+
 def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = None,
                    tta: int = 1, mc_samples: int = 0, batch_size: int = 32,
                    progress: bool = True,
                    reader: Callable[..., np.ndarray] | Sequence[Callable] = load_image,
-                   ) -> Prediction:
+                   skip_unreadable: bool = False) -> Prediction:
     """Predict every image with each member (TTA views averaged, MC samples drawn).
 
     ``reader`` decodes ``(path, size, resize, crop)``: ``load_image`` or a prepared
-    cache's ``load``; one per member, or one for all."""
+    cache's ``load``; one per member, or one for all. An image that cannot be decoded
+    raises, or with ``skip_unreadable`` gets NaN months and its reason in ``failed``.
+    A model that predicts non-finite months for a readable image is an error."""
     members = as_members(model)
     _check_sex(members, male)
     if mc_samples > 1:
@@ -266,8 +315,9 @@ def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = N
                                      "SavedModel/ONNX graphs run with dropout off).")
     readers = list(reader) if isinstance(reader, (list, tuple)) else [reader] * len(members)
     total = len(paths) * len(members)
-    bar = keras.utils.Progbar(total, unit_name="image") if progress else None
+    bar = console.progress(total, unit_name="image") if progress else None
     point, identity, variance = [], [], []
+    failed: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
         for member, read in zip(members, readers):
             pre = member.preprocessing
@@ -276,8 +326,16 @@ def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = N
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
                 n = len(chunk)
-                images = np.stack(list(pool.map(read, chunk, [size] * n, [resize] * n,
-                                                [crop] * n))).astype(np.float32)
+                decoded = list(pool.map(_try_read, [read] * n, chunk, [size] * n,
+                                        [resize] * n, [crop] * n))
+                for offset, (_, problem) in enumerate(decoded):
+                    if problem is not None:
+                        if not skip_unreadable:
+                            raise ImageError(problem)
+                        failed[start + offset] = problem
+                blank = np.zeros((size, size, 1), np.uint8)
+                images = np.stack([blank if image is None else image
+                                   for image, _ in decoded]).astype(np.float32)
                 sex = None
                 if pre["use_sex"]:
                     sex = np.asarray(male[start:start + batch_size],
@@ -296,6 +354,18 @@ def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = N
             if outs["var"]:
                 variance.append(np.concatenate(outs["var"]))
     members_pred = np.stack(point).astype(np.float64)
+    no_tta = np.stack(identity).astype(np.float64)
+    bad = sorted(failed)
+    members_pred[:, bad] = np.nan
+    no_tta[:, bad] = np.nan
+    readable = np.ones(len(paths), bool)
+    readable[bad] = False
+    broken = ~np.isfinite(members_pred[:, readable]).all(axis=0)
+    if broken.any():
+        first = np.asarray(paths)[readable][broken][0]
+        raise ModelFileError(f"the model predicts non-finite months for {int(broken.sum())} "
+                             f"image(s) (e.g. {first}): it is broken, e.g. trained to a NaN "
+                             "loss; retrain it.")
     std = None
     if variance or len(members) > 1:
         total_var = np.zeros(members_pred.shape[1])
@@ -304,6 +374,118 @@ def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = N
         if len(members) > 1:
             total_var += np.var(members_pred, axis=0, ddof=1)
         std = np.sqrt(total_var)
-    return Prediction(members_pred.mean(axis=0), members_pred,
-                      np.stack(identity).astype(np.float64).mean(axis=0),
-                      [m.name for m in members], tta, std)
+    return Prediction(members_pred.mean(axis=0), members_pred, no_tta.mean(axis=0),
+                      [m.name for m in members], tta, std, failed)
+
+
+# --- a user's inputs and the predict command ------------------------------------
+
+
+def extra_columns(prediction: Prediction) -> pd.DataFrame:
+    """The TTA, ensemble and uncertainty columns of predictions tables."""
+    extra: dict[str, np.ndarray] = {}
+    if prediction.views > 1:
+        extra["predicted_no_tta"] = prediction.no_tta
+    if len(prediction.members) > 1:
+        for k, member in enumerate(prediction.members):
+            extra[f"member_{k}"] = member
+    if prediction.std is not None:
+        extra.update(std=prediction.std, lower90=prediction.lower, upper90=prediction.upper)
+    return pd.DataFrame(extra)
+
+
+def collect_inputs(inputs: Iterable[str | Path], sex: str | None = None) -> pd.DataFrame:
+    """Image files, folders of images, or a Kaggle test CSV -> table id, path, male.
+
+    The Kaggle test layout is ``boneage-test-dataset.csv`` (``Case ID``, ``Sex``) with
+    images in ``boneage-test-dataset/`` beside it; a labels CSV with ``id`` and
+    ``male`` columns and images in ``images/`` works too.
+    """
+    rows: list[dict[str, Any]] = []
+    default_male = sex_or_error(sex, "--sex") if sex is not None else None
+    for item in map(Path, inputs):
+        if item.suffix.lower() == ".csv":
+            rows.extend(_rows_from_csv(item))
+        elif item.is_dir():
+            files = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"{item}: folder holds no .png/.jpg images.")
+            rows.extend({"id": p.stem, "path": str(p), "male": default_male} for p in files)
+        elif item.is_file():
+            rows.append({"id": item.stem, "path": str(item), "male": default_male})
+        else:
+            raise DataError(f"input not found: {item}. Give image files, folders of images "
+                            "or a test CSV.")
+    if not rows:
+        raise DataError("no input given: pass image files, folders or a test CSV.")
+    return pd.DataFrame(rows)
+
+
+def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
+    if not csv.is_file():
+        raise DataError(f"input not found: {csv}. Give image files, folders of images or "
+                        "a test CSV (Kaggle's boneage-test-dataset.csv, or id[,male]).")
+    try:
+        table = pd.read_csv(csv, dtype=str)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{csv}: not a readable CSV ({type(err).__name__}); expected "
+                        "Kaggle's test CSV (Case ID,Sex) or id[,male] columns.") from None
+    id_col = "Case ID" if "Case ID" in table else "id" if "id" in table else None
+    if id_col is None:
+        raise DataError(f"{csv}: no 'Case ID' (Kaggle test CSV) or 'id' column.")
+    sex_col = "Sex" if "Sex" in table else "male" if "male" in table else None
+    folders = [csv.parent / csv.stem, csv.parent / csv.stem / csv.stem, csv.parent / "images",
+               csv.parent]
+    rows = []
+    for n, record in enumerate(table.to_dict("records"), start=2):
+        image_id = str(record[id_col]).strip()
+        path = next((f / f"{image_id}{s}" for f in folders for s in IMAGE_SUFFIXES
+                     if (f / f"{image_id}{s}").is_file()), None)
+        if path is None:
+            raise DataError(f"{csv}, line {n}: no image for id {image_id} in "
+                            + ", ".join(str(f) for f in folders[:3]) + ".")
+        male = sex_or_error(record[sex_col], f"{csv}, line {n}") if sex_col else None
+        rows.append({"id": image_id, "path": str(path), "male": male})
+    return rows
+
+
+def sex_column(table: pd.DataFrame, use_sex: bool) -> np.ndarray | None:
+    """The ``male`` column of a :func:`collect_inputs` table for a model that takes the
+    sex (None for one that does not); a missing value is an error, never a default."""
+    if not use_sex:
+        return None
+    unknown = table["male"].isna()
+    if unknown.any():
+        raise DataError(f"this model needs the patient's sex; none given for "
+                        f"{table.loc[unknown, 'id'].iloc[0]} (use --sex M|F or a CSV "
+                        "with a Sex column).")
+    return table["male"].astype(bool).to_numpy()
+
+
+def predict_inputs(model_path: str | Path | Sequence[str | Path],
+                   inputs: Iterable[str | Path], sex: str | None = None,
+                   output: str | Path | None = None, progress: bool = True, tta: int = 1,
+                   mc_samples: int = 0) -> pd.DataFrame:
+    """Predict bone age for images/folders/test CSVs with a model or an ensemble;
+    optionally write a CSV. Columns: id, [male], predicted, and with TTA, several
+    models or MC samples: predicted_no_tta, member_K, std, lower90, upper90; where
+    images could not be read, an ``error`` column (their ``predicted`` is empty)."""
+    if output is not None:
+        check_output_file(output, "--output")
+    paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    members = open_members(paths)
+    table = collect_inputs(inputs, sex)
+    use_sex = any(m.preprocessing["use_sex"] for m in members)
+    male = sex_column(table, use_sex)
+    prediction = predict_images(members, table["path"].tolist(), male, tta=tta,
+                                mc_samples=mc_samples, progress=progress,
+                                skip_unreadable=True)
+    result = pd.DataFrame({"id": table["id"], "predicted": prediction.predicted})
+    if use_sex:
+        result.insert(1, "male", male)
+    result = pd.concat([result, extra_columns(prediction)], axis=1)
+    if prediction.failed:
+        result["error"] = [prediction.failed.get(i, "") for i in range(len(result))]
+    if output is not None:
+        write_csv(output, result)
+    return result

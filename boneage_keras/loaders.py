@@ -22,10 +22,10 @@ The training order and augmentation of epoch ``e`` are drawn from ``train.seed``
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +40,9 @@ from .augment import (
     layer_seed,
     resolve_engine,
 )
+from .backend import importable, tensorflow_for_input
 from .config import Config, ConfigError
-from .images import decode_size, load_image
+from .images import ImageError, decode_size, load_image
 
 log = logging.getLogger(__name__)
 PREFETCH_BATCHES = 2
@@ -59,31 +60,38 @@ def _columns(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             df["boneage"].astype(np.float32).to_numpy())
 
 
-def tensorflow_for_input() -> Any:
-    """Import TensorFlow for the input pipeline only.
+class TolerantReader:
+    """A reader that skips an image failing to decode mid-run (it passed cleaning, then
+    changed or its disk failed) with a warning naming it, until more than ``limit``
+    have failed: then the run stops with an error listing them."""
 
-    When the Keras backend is not TensorFlow, every GPU is hidden from TensorFlow
-    before its first op (as Flax's ImageNet example does), so tf.data never takes GPU
-    memory or a CUDA context from torch or JAX.
-    """
-    import tensorflow as tf
+    def __init__(self, read: Callable[..., np.ndarray], limit: int) -> None:
+        self.read, self.limit = read, limit
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
 
-    if keras.backend.backend() != "tensorflow":
+    def __call__(self, path: str, *args: Any, **kwargs: Any) -> np.ndarray | None:
         try:
-            tf.config.set_visible_devices([], "GPU")
-        except RuntimeError:   # devices already initialised by an earlier TF op
-            if tf.config.get_visible_devices("GPU"):
-                log.warning("TensorFlow was initialised before the input pipeline and "
-                            "sees the GPU; it may hold GPU memory beside %s",
-                            keras.backend.backend())
-    return tf
+            return self.read(path, *args, **kwargs)
+        except ImageError as err:
+            with self.lock:
+                self.failures.append(str(path))
+                count = len(self.failures)
+            if count > self.limit:
+                raise ImageError(f"{count} images failed to decode during this run (first: "
+                                 f"{', '.join(self.failures[:3])}), more than "
+                                 f"data.max_unreadable={self.limit}: fix or remove them, "
+                                 "then resume.") from None
+            log.warning("skipped an image that failed to decode: %s (%d so far, limit %d)",
+                        err, count, self.limit)
+            return None
 
 
 def resolve_loader(cfg: Config, training: bool = True) -> str:
     """``data.loader`` with ``auto`` resolved; clear errors for combinations that
     cannot run here."""
     loader = cfg.data.loader
-    has_tf = importlib.util.find_spec("tensorflow") is not None
+    has_tf = importable("tensorflow")
     augmenting = training and bool(active_stages(cfg.augment, cfg.data.image_size))
     engine = resolve_engine(cfg.augment.engine) if augmenting else None
     if loader == "auto":
@@ -124,7 +132,9 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
                     augmenter: Augmenter | None = None, repeat: bool = False,
                     reader: Callable[..., np.ndarray] = load_image,
                     start_epoch: int = 0) -> Any:
-    """A batched, prefetched tf.data pipeline: parallel decode, then batch augmentation.
+    """A batched, prefetched tf.data pipeline: parallel decode, then batch augmentation;
+    batches are ``(inputs, boneage, weight)``, the weight 0 for an image that failed
+    to decode mid-run (see :class:`TolerantReader`), else 1.
 
     ``reader(path, size, resize, crop, center)`` gives one (S, S, 1) uint8 image:
     ``images.load_image`` (decode the file) or a prepared cache's ``load``.
@@ -138,13 +148,17 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     side = decode_size(size, crop) if random_crop else size
     paths, male, labels = _columns(df)
 
-    def decode(path: bytes) -> np.ndarray:
-        return reader(path.decode(), size, resize, crop, center=not random_crop)
+    tolerant = TolerantReader(reader, cfg.data.max_unreadable)
+    blank = np.zeros((side, side, 1), np.uint8)
+
+    def decode(path: bytes) -> tuple[np.ndarray, bool]:
+        image = tolerant(path.decode(), size, resize, crop, center=not random_crop)
+        return (blank, False) if image is None else (image, True)
 
     def load(path, sex, label):
-        image = tf.numpy_function(decode, [path], tf.uint8, stateful=False)
+        image, ok = tf.numpy_function(decode, [path], (tf.uint8, tf.bool), stateful=False)
         image.set_shape((side, side, 1))
-        return image, sex, label
+        return image, ok, sex, label
 
     ds = tf.data.Dataset.from_tensor_slices((paths, male, labels))
     if training:
@@ -153,14 +167,20 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     if repeat:
         ds = ds.repeat()
     ds = ds.with_options(pipeline_options(deterministic=not training))
+    use_sex = cfg.model.use_sex
+    augment = augmenter.tf_function if training and augmenter is not None else None
+
+    def finish(images, ok, sex, labels):
+        images = tf.cast(images, tf.float32)
+        if augment is not None:
+            images = augment(images)
+        # an image that failed to decode weighs 0 (filtering it out instead would hide
+        # the epoch's length from fit)
+        return (*_pack(images, sex, labels, use_sex), tf.cast(ok, tf.float32))
+
     ds = ds.map(load, num_parallel_calls=parallel_calls())
     ds = ds.batch(cfg.train.batch_size)
-    ds = ds.map(lambda x, s, y: (tf.cast(x, tf.float32), s, y))
-    if training and augmenter is not None:
-        augment = augmenter.tf_function
-        ds = ds.map(lambda x, s, y: (augment(x), s, y), num_parallel_calls=parallel_calls())
-    use_sex = cfg.model.use_sex
-    ds = ds.map(lambda x, s, y: _pack(x, s, y, use_sex))
+    ds = ds.map(finish, num_parallel_calls=parallel_calls())
     return ds.prefetch(PREFETCH_BATCHES)
 
 
@@ -179,7 +199,8 @@ class BoneAgeDataset(keras.utils.PyDataset):
         super().__init__(workers=cfg.data.workers, use_multiprocessing=False,
                          max_queue_size=max(4, 2 * cfg.data.workers), **kwargs)
         self.paths, self.male, self.labels = _columns(df)
-        self.cfg, self.training, self.reader = cfg, training, reader
+        self.cfg, self.training = cfg, training
+        self.reader = TolerantReader(reader, cfg.data.max_unreadable)
         self.random_crop = training and cfg.augment.random_crop
         self.augmenter = augmenter if training else None
         self.epoch = start_epoch
@@ -200,11 +221,15 @@ class BoneAgeDataset(keras.utils.PyDataset):
         bs = self.cfg.train.batch_size
         idx = self.order[index * bs:(index + 1) * bs]
         d = self.cfg.data
-        images = np.stack([
-            self.reader(self.paths[i], d.image_size, d.resize, self.cfg.augment.random_crop,
-                        center=not self.random_crop)
-            for i in idx
-        ]).astype(np.float32)
+        decoded = [self.reader(self.paths[i], d.image_size, d.resize,
+                               self.cfg.augment.random_crop, center=not self.random_crop)
+                   for i in idx]
+        idx = np.array([i for i, image in zip(idx, decoded) if image is not None], int)
+        if not len(idx):
+            raise ImageError(f"no image of batch {index} decodes (first: "
+                             f"{self.paths[self.order[index * bs]]}); check the data folder.")
+        images = np.stack([image for image in decoded if image is not None]
+                          ).astype(np.float32)
         if self.augmenter is not None:
             images = self.augmenter.augment_batch(images, self.epoch, index)
         return _pack(images, self.male[idx], self.labels[idx], self.cfg.model.use_sex)

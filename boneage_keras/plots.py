@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from .files import replacing
+
 
 def plot_curves(history_csv: str | Path, out_png: str | Path) -> Path:
     """Loss, MAE and tolerance accuracy per epoch, training vs validation."""
@@ -194,6 +196,7 @@ def plot_calibration(calibration: dict, abs_error, std, out_png) -> Path:
 
 def _save(fig, out_png) -> Path:
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    with replacing(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(out_png)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .files import write_text
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
 text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
@@ -68,6 +70,8 @@ def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[Path]
     """Write ``report.html`` into ``out_dir`` with every figure inlined as PNG data."""
     tol = metrics["tolerance_months"]
     parts = [f"<h1>Bone-age evaluation: {html.escape(str(metrics.get('title', '')))}</h1>",
+             *([f"<p class='note'><b>Images:</b> {html.escape(metrics['split_note'])}</p>"]
+               if "split_note" in metrics else []),
              "<h2>Configuration</h2>",
              _table(["key", "value"], list(config_summary.items())),
              "<h2>Metrics (months)</h2>",
@@ -92,5 +96,5 @@ def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[Path]
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Bone-age report"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path

@@ -39,11 +39,13 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .backend import devices, gpu_available, mixed_precision_policy
 from .cache import reader_for
 from .config import Config, ConfigError, config_to_yaml, load_config, parse_override
+from .console import native_stderr_silenced
 from .data import load_dataset, resolve_data_dir, split_table, subsample
 from .errors import BoneAgeError
-from .files import replacing, write_csv, write_json, write_text
+from .files import TMP_MARK, replacing, write_csv, write_json, write_text
 from .metrics import ToleranceAccuracy
 from .model import build_model
 from .plots import plot_curves
@@ -139,67 +141,6 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(t.learning_rate, weight_decay=decay)
 
 
-def devices() -> list[str]:
-    """The accelerators (else CPU) the active Keras backend computes on."""
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_logical_devices("GPU")
-        if gpus:
-            return [g.name for g in gpus]
-    elif backend == "jax":
-        import jax
-
-        return [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
-                for d in jax.devices()]
-    return [f"cpu ({platform.machine()})"]
-
-
-def gpu_available() -> bool:
-    """Whether the active Keras backend sees a GPU."""
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.is_available()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_physical_devices("GPU"))
-    if backend == "jax":
-        import jax
-
-        return any(d.platform == "gpu" for d in jax.devices())
-    return False
-
-
-def mixed_precision_policy() -> str:
-    """bfloat16 where the hardware has it (Ampere and newer GPUs; JAX everywhere: no
-    loss scaling needed), else float16 with Keras' automatic loss scaling."""
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "mixed_bfloat16"
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            if tf.config.experimental.get_device_details(gpu).get(
-                    "compute_capability", (0, 0)) >= (8, 0):
-                return "mixed_bfloat16"
-    elif backend == "jax":
-        return "mixed_bfloat16"
-    return "mixed_float16"
-
-
 def jit_setting(cfg: Config) -> bool | str:
     """``train.jit_compile`` null: always on JAX (its eager mode is op-by-op), and on a
     GPU for torch (torch.compile) and TensorFlow (XLA). On a CPU the XLA compile of a
@@ -268,7 +209,7 @@ def new_run_dir(cfg: Config) -> Path:
 def make_split(cfg: Config) -> pd.DataFrame:
     """Load, clean, subsample and split the data (the run's split.csv is written later)."""
     table, _, _ = load_dataset(cfg.data.data_dir, strict=cfg.data.strict,
-                               age_range=cfg.data.age_range)
+                               age_range=cfg.data.age_range, cache_dir=cfg.data.cache_dir)
     table = subsample(table, cfg.data.max_images, cfg.train.seed)
     split = split_table(table, cfg.data.split, cfg.data.val_fraction,
                         cfg.data.test_fraction, cfg.train.seed)
@@ -280,7 +221,7 @@ def make_split(cfg: Config) -> pd.DataFrame:
 def saved_split(cfg: Config, run_dir: Path) -> pd.DataFrame:
     """The run's own split.csv joined to the data's current paths."""
     table, _, _ = load_dataset(cfg.data.data_dir, strict=cfg.data.strict,
-                               age_range=cfg.data.age_range)
+                               age_range=cfg.data.age_range, cache_dir=cfg.data.cache_dir)
     split_csv = run_dir / "split.csv"
     saved = pd.read_csv(split_csv, dtype={"id": str})
     merged = saved[["id", "split"]].merge(table, on="id", how="left")
@@ -480,6 +421,9 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None,
         log.info("extending %s from %d to %d epochs", run_dir, state["epochs_planned"],
                  cfg.train.epochs)
     write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    for folder in (run_dir, run_dir / "backup"):   # half-written files of a killed run
+        for leftover in folder.glob(f".*{TMP_MARK}*"):
+            leftover.unlink()
     return _run(cfg, run_dir, saved_split(cfg, run_dir), state, verbose)
 
 
@@ -520,7 +464,8 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
          verbose: Any) -> TrainResult:
     from .loaders import make_loader
 
-    keras.utils.set_random_seed(cfg.train.seed + (state["epoch"] if state else 0))
+    with native_stderr_silenced():   # Keras seeds TensorFlow too, if it is installed
+        keras.utils.set_random_seed(cfg.train.seed + (state["epoch"] if state else 0))
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision_policy())
     try:
@@ -559,8 +504,9 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
         stopper = StopOnSignal()
         stopper.install()
         try:
+            # shuffle=False: the loaders draw each epoch's order themselves
             model.fit(train_data, validation_data=val_data, epochs=t.epochs,
-                      initial_epoch=start, steps_per_epoch=steps,
+                      initial_epoch=start, steps_per_epoch=steps, shuffle=False,
                       callbacks=[stopper, *callbacks, keeper], verbose=verbose)
         except KeyboardInterrupt:
             raise TrainingInterrupted(

@@ -10,9 +10,8 @@ import pytest
 from scipy import ndimage
 
 from boneage_keras.augment import STAGES, build_augmenter
-from boneage_keras.config import AugmentConfig, load_config
+from boneage_keras.config import AugmentConfig
 from boneage_keras.images import load_image
-from boneage_keras.loaders import BoneAgeDataset, make_tf_dataset
 
 SIZE = 64
 ENGINES = ("keras-cv", "keras")
@@ -65,9 +64,14 @@ def test_geometric_stages_move_pixels(batch, engine, stage):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_blur_smooths(batch, engine):
-    out = _augment(batch, engine, blur_probability=1.0)
+    augmenter = build_augmenter(AugmentConfig(**{**OFF, "blur_probability": 1.0}), SIZE,
+                                seed=1, engine=engine)
     sharp = lambda a: np.abs(np.diff(a, axis=1)).mean()
-    assert sharp(out) < 0.95 * sharp(batch)
+    # sigma is drawn from 0.1-1.5 (per image on keras-cv, per batch on Keras): over
+    # four batches, never sharper, and clearly blurred at least once
+    ratios = [sharp(augmenter.augment_batch(batch[:16], 0, k)) / sharp(batch[:16])
+              for k in range(4)]
+    assert max(ratios) <= 1.001 and min(ratios) < 0.85, ratios
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -204,49 +208,3 @@ def test_keras_engine_draws_per_epoch_and_batch(batch):
     np.testing.assert_array_equal(first, augmenter.augment_batch(batch[:8], 0, 3))
     assert not np.allclose(first, augmenter.augment_batch(batch[:8], 1, 3))
     assert not np.allclose(first, augmenter.augment_batch(batch[:8], 0, 4))
-
-
-@pytest.mark.parametrize("loader, engine", [("tfdata", "keras-cv"), ("pydataset", "keras"),
-                                            ("pydataset", "keras-cv")])
-def test_validation_untouched_training_augmented(bulk_dir, loader, engine):
-    cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}", "train.batch_size=8",
-                                               f"data.loader={loader}",
-                                               f"augment.engine={engine}"])
-    from boneage_keras.data import load_dataset
-
-    table = load_dataset(bulk_dir, check_images=False)[0].head(8)
-    expected = np.stack([load_image(p, SIZE) for p in table["path"]]).astype(np.float32)
-    aug = build_augmenter(cfg.augment, SIZE, seed=0)
-    if loader == "tfdata":
-        val = next(iter(make_tf_dataset(table, cfg, training=False)))
-        train = next(iter(make_tf_dataset(table, cfg, training=True, augmenter=aug)))
-        x_val, y_val = val[0].numpy(), val[1].numpy()
-        x_train, y_train = train[0].numpy(), train[1].numpy()
-    else:
-        x_val, y_val = BoneAgeDataset(table, cfg, training=False)[0]
-        x_train, y_train = BoneAgeDataset(table, cfg, training=True, augmenter=aug)[0]
-    np.testing.assert_array_equal(x_val, expected)
-    np.testing.assert_allclose(y_val, table["boneage"].to_numpy(np.float32))
-    assert x_train.shape == expected.shape and x_train.dtype == np.float32
-    # training images are augmented: no training image equals any original
-    assert not any(np.allclose(t, e, atol=1) for t in x_train for e in expected)
-    assert sorted(y_train) == sorted(y_val)      # the same images, shuffled
-
-
-def test_pydataset_epochs_reshuffle_and_resume_continues(bulk_dir):
-    cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}",
-                                               "train.batch_size=4"])
-    from boneage_keras.data import load_dataset
-
-    table = load_dataset(bulk_dir, check_images=False)[0].head(40)
-    data = BoneAgeDataset(table, cfg, training=True)
-    orders = []
-    for _ in range(3):
-        data.on_epoch_begin()
-        orders.append(data.order.copy())
-        assert sorted(data.order) == list(range(40))    # each image once per epoch
-    assert not np.array_equal(orders[0], orders[1])
-    assert not np.array_equal(orders[1], orders[2])
-    resumed = BoneAgeDataset(table, cfg, training=True, start_epoch=2)
-    resumed.on_epoch_begin()
-    np.testing.assert_array_equal(resumed.order, orders[2])   # epoch 3 as it was

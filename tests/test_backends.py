@@ -125,7 +125,7 @@ def test_tensorflow_for_input_hides_the_gpu_from_tensorflow():
         "real = tf.config.set_visible_devices\n"
         "tf.config.set_visible_devices = lambda d, t=None: (calls.append((list(d), t)),"
         " real(d, t))\n"
-        "from boneage_keras.loaders import tensorflow_for_input\n"
+        "from boneage_keras.backend import tensorflow_for_input\n"
         "tensorflow_for_input()\n"
         "ds = tf.data.Dataset.range(4).map(lambda i: i * 2).batch(2)\n"
         "assert [b.numpy().tolist() for b in ds] == [[0, 2], [4, 6]]\n"

@@ -9,14 +9,11 @@ from conftest import run_cli
 from PIL import Image
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
+from boneage_keras.compare import compare_predictions
 from boneage_keras.config import load_config
 from boneage_keras.data import DataError
-from boneage_keras.evaluate import (
-    FIGURES,
-    ModelFileError,
-    compare_predictions,
-    open_model,
-)
+from boneage_keras.evaluate import FIGURES
+from boneage_keras.inference import ModelFileError, open_model
 from boneage_keras.model import build_model
 
 

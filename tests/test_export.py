@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 
 from boneage_keras.export import ExportError, export_model
+from boneage_keras.inference import ModelFileError
 
 IDS = ("1378", "1379", "1380", "1381", "1382", "1383")
 
@@ -128,17 +129,66 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
     assert abs(float(proc.stdout.split("B-A=")[1].split()[0])) < 0.01
 
 
-def test_export_refuses_and_cleans_up(exported, tmp_path):
+def test_export_refuses_and_cleans_up(exported, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="already exists.*--overwrite"):
         export_model(exported / "run", ["keras"], exported / "deploy")
     with pytest.raises(ExportError, match="unknown export format 'tflite'"):
         export_model(exported / "run", ["tflite"], tmp_path / "x")
     (tmp_path / "fake.keras").write_text("not a model")
-    with pytest.raises(Exception, match="fake.keras"):
+    with pytest.raises(ModelFileError, match="fake.keras is not a Keras model file"):
         export_model(tmp_path / "fake.keras", ["keras"], tmp_path / "out")
+    # a failure after files were written into the hidden folder leaves nothing behind
+    import boneage_keras.export as export_module
+
+    def half_written(model_path, target):
+        target.write_bytes(b"PK partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "_save_inference_keras", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(exported / "run", ["keras"], tmp_path / "out")
+    monkeypatch.undo()
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+    assert [p.name for p in tmp_path.iterdir()] == ["fake.keras"]    # no .out.partial-*
     meta = export_model(exported / "run", ["keras"], exported / "deploy", overwrite=True)
     assert meta["formats"] == ["keras"]
     assert sorted(p.name for p in (exported / "deploy").iterdir()) == ["model.json",
                                                                          "model.keras"]
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path, monkeypatch):
+    run = exported / "run"
+    before = _tree(run)
+    # the run directory itself, its parent and the current directory are never replaced
+    for target in (run, exported):
+        with pytest.raises(ExportError, match="never replaces"):
+            export_model(run, ["keras"], target, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="current directory"):
+        export_model(run, ["keras"], ".", overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert _tree(run) == before
+    # a folder export did not write is refused, and left as it was
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("years of work")
+    with pytest.raises(ExportError, match="not written by `cli.py export`"):
+        export_model(run, ["keras"], mine, overwrite=True)
+    assert (mine / "thesis.docx").read_text() == "years of work"
+    # an earlier export is replaced; one holding other files too is refused
+    export_model(run, ["keras"], tmp_path / "deploy")
+    (tmp_path / "deploy" / "readme.txt").write_text("added by hand")
+    with pytest.raises(ExportError, match="holds files export did not write.*readme.txt"):
+        export_model(run, ["keras"], tmp_path / "deploy", overwrite=True)
+    (tmp_path / "deploy" / "readme.txt").unlink()
+    first = (tmp_path / "deploy" / "model.keras").stat().st_mtime_ns
+    proc = run_cli(["export", str(run), "--format", "keras", "--out",
+                    str(tmp_path / "deploy"), "--overwrite"])
+    assert "exported keras" in proc.stdout
+    assert (tmp_path / "deploy" / "model.keras").stat().st_mtime_ns != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy", "mine", "notes.txt"]

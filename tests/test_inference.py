@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
+from boneage_keras.compare import compare_predictions
 from boneage_keras.config import load_config
 from boneage_keras.data import DataError
-from boneage_keras.evaluate import compare_predictions, evaluate_run
+from boneage_keras.evaluate import evaluate_run
 from boneage_keras.inference import (
     TTA_VIEWS,
     KerasPredictor,

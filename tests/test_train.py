@@ -1,5 +1,6 @@
 """End-to-end training through the CLI on real images, on both backends and loaders."""
 
+import json
 import os
 import signal
 import subprocess
@@ -110,3 +111,183 @@ def test_bad_config_is_one_clear_line(bulk_dir):
                    check=False)
     assert proc.returncode == 2
     assert "unknown key 'train.epochz'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- nothing lost: resume, checkpoints, bad values (in-process, tiny runs) -----------
+
+
+def _tiny(bulk_dir, out, name, *extra):
+    from boneage_keras.config import load_config
+
+    return load_config("default", [
+        f"data.data_dir={bulk_dir}", "data.max_images=64", "data.image_size=32",
+        "model.backbone=resnet18", "model.weights=none", "train.batch_size=16",
+        "augment.horizontal_flip=false", "augment.rotation_degrees=0",
+        "augment.translation=0", "augment.scale=null", "augment.brightness=0",
+        "augment.contrast=null", f"train.output_dir={out}", f"train.run_name={name}",
+        *extra])
+
+
+def test_resume_keeps_the_best_model_and_the_patience(tmp_path, bulk_dir):
+    from boneage_keras.train import read_state, resume, train
+
+    result = train(_tiny(bulk_dir, tmp_path, "run", "train.epochs=2",
+                         "train.early_stopping_patience=2"), verbose=0)
+    run = result.run_dir
+    state = read_state(run)
+    assert state["finished"] and state["epoch"] == 2
+    # pretend epoch 1 was unbeatable and one epoch has waited since: a resumed epoch
+    # must neither replace best.keras nor reset the patience counter
+    state.update(best=1.0, best_epoch=0, wait=1, finished=False)
+    (run / "backup" / "state.json").write_text(json.dumps(state))
+    best = (run / "best.keras").read_bytes()
+    again = resume(run, ["train.epochs=6"], verbose=0)
+    assert (run / "best.keras").read_bytes() == best
+    assert again.best_epoch == 1 and again.stopped_early
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]      # stopped: patience 2 reached
+    assert again.best["val_mae"] == pytest.approx(history.loc[0, "val_mae"])
+    assert read_state(run)["stopped_early"]
+
+
+def test_finished_run_is_refused_or_extended_explicitly(tmp_path, bulk_dir):
+    from boneage_keras.train import train
+
+    run = train(_tiny(bulk_dir, tmp_path, "run", "train.epochs=1"), verbose=0).run_dir
+    proc = run_cli(["train", "--resume", str(run)], check=False)
+    assert proc.returncode == 2 and "has finished after 1 epoch" in proc.stderr
+    assert "--set train.epochs=N" in proc.stderr
+    proc = run_cli(["train", "--resume", str(run), "--set", "model.backbone=resnet50"],
+                   check=False)
+    assert proc.returncode == 2 and "'model.backbone' cannot change" in proc.stderr
+    proc = run_cli(["train", "--resume", str(run), "--config", "default"], check=False)
+    assert proc.returncode == 2 and "drop --config" in proc.stderr
+    run_cli(["train", "--resume", str(run), "--set", "train.epochs=2"])
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1]
+    assert "epochs: 2" in (run / "config.yaml").read_text()
+
+
+def test_kill_while_a_checkpoint_is_written_leaves_the_previous_file(tmp_path, bulk_dir):
+    """SIGKILL in the middle of writing epoch 2's checkpoints: the files of epoch 1
+    stay complete, and the run resumes from there."""
+    script = tmp_path / "killed.py"
+    script.write_text(f"""
+import os, signal, keras
+from boneage_keras.train import train
+from boneage_keras.config import load_config
+calls = []
+real_save = keras.Model.save
+def save(self, path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 3:     # epoch 2's last.keras (epoch 1 wrote best and last)
+        with open(path, "wb") as f:
+            f.write(b"PK half a zip")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(self, path, *args, **kwargs)
+keras.Model.save = save
+cfg = load_config("default", {_tiny_args(bulk_dir, tmp_path)!r})
+cfg.train.learning_rate = 1e-12   # nothing improves: epoch 2 would overwrite last.keras
+train(cfg, verbose=0)
+""")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "KERAS_BACKEND": "torch"},
+                          timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    import zipfile
+
+    for name in ("best.keras", "last.keras"):
+        assert zipfile.is_zipfile(run / name), name
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1]
+    assert [p.name for p in run.iterdir() if ".tmp-" in p.name]   # the torn write
+    run_cli(["train", "--resume", str(run)])
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
+    assert not [p.name for p in run.iterdir() if ".tmp-" in p.name]
+
+
+def _tiny_args(bulk_dir, out):
+    return [f"data.data_dir={bulk_dir}", "data.max_images=64", "data.image_size=32",
+            "model.backbone=resnet18", "model.weights=none", "train.batch_size=16",
+            "augment.horizontal_flip=false", "augment.rotation_degrees=0",
+            "augment.translation=0", "augment.scale=null", "augment.brightness=0",
+            "augment.contrast=null", f"train.output_dir={out}", "train.run_name=run",
+            "train.epochs=3", "train.early_stopping_patience=null"]
+
+
+def test_early_stopping_stops_and_the_schedule_is_applied(tmp_path, bulk_dir):
+    from boneage_keras.train import cosine_learning_rate, train
+
+    # a learning rate too small to move the zero-initialised head: predictions stay at
+    # the training mean, nothing improves, patience 2 stops after epoch 3 of 8
+    result = train(_tiny(bulk_dir, tmp_path, "stop", "train.epochs=8",
+                         "train.early_stopping_patience=2", "train.learning_rate=1e-9",
+                         "train.warmup_epochs=1"), verbose=0)
+    history = pd.read_csv(result.run_dir / "history.csv")
+    assert result.stopped_early and history["epoch"].tolist() == [0, 1, 2]
+    expected = [cosine_learning_rate(e, 1e-9, 8, None, 1) for e in range(3)]
+    np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-5)
+    assert expected[0] < expected[1] > expected[2]      # warmup, then decay
+
+
+@pytest.mark.parametrize("optimizer, loss", [("adamw", "huber"), ("sgd", "mse")])
+def test_other_optimizers_and_losses_train(tmp_path, bulk_dir, optimizer, loss):
+    from boneage_keras.model import load_model
+    from boneage_keras.train import train
+
+    result = train(_tiny(bulk_dir, tmp_path, "run", "train.epochs=1",
+                         f"train.optimizer={optimizer}", f"train.loss={loss}",
+                         "train.learning_rate=0.0001", "train.weight_decay=0.0001"),
+                   verbose=0)
+    history = pd.read_csv(result.run_dir / "history.csv")
+    assert np.isfinite(history["loss"]).all()
+    # huber (delta 12) and mse differ from MAE, so the loss column says which was used
+    assert not np.allclose(history["loss"], history["mae"])
+    model = load_model(str(result.run_dir / "best.keras"))
+    assert model.optimizer is None       # best.keras is for inference: no optimizer
+    assert (result.run_dir / "backup" / "state-0001.weights.h5").is_file()   # it is here
+
+
+@pytest.mark.parametrize("loader", ["tfdata", "pydataset"])
+def test_steps_per_epoch_limits_each_epoch(tmp_path, bulk_dir, loader):
+    proc = run_cli(["train", "--data-dir", str(bulk_dir), "--set", "data.max_images=96",
+                    "--set", "data.image_size=32", "--set", "model.backbone=resnet18",
+                    "--set", "model.weights=none", "--set", "train.epochs=2",
+                    "--set", "train.batch_size=8", "--set", "train.steps_per_epoch=3",
+                    "--set", f"data.loader={loader}",
+                    "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=r"])
+    assert proc.stdout.count("3/3 - ") == 2, proc.stdout     # 3 steps, not 11
+    assert "\x1b[" not in proc.stdout + proc.stderr          # no colour codes in a pipe
+    assert "I0000" not in proc.stderr and "oneDNN" not in proc.stderr
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, bulk_dir):
+    proc = run_cli(["train", "--data-dir", str(bulk_dir), "--set", "data.max_images=64",
+                    "--set", "data.image_size=32", "--set", "model.backbone=resnet18",
+                    "--set", "model.weights=none", "--set", "train.epochs=2",
+                    "--set", "train.learning_rate=1e30", "--set", "train.batch_size=16",
+                    "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=r"],
+                   check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: training stopped: the loss became") and \
+        "at epoch 1, batch" in line and "Traceback" not in proc.stderr
+    # no epoch finished: nothing of the run is left, so the name can be used again
+    assert not (tmp_path / "r").exists() or not any(
+        p.name in ("config.yaml", "split.csv", "best.keras") for p in (tmp_path / "r").iterdir())
+
+
+def test_failed_start_leaves_the_run_name_free(tmp_path, bulk_dir):
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "labels.csv").write_text("id,boneage,male\n1,inf,True\n2,1e9,False\n")
+    args = ["--set", "data.image_size=32", "--set", "model.backbone=resnet18",
+            "--set", "model.weights=none", "--set", "train.epochs=1",
+            "--set", "data.max_images=40",
+            "--set", f"train.output_dir={tmp_path / 'runs'}", "--set", "train.run_name=r"]
+    proc = run_cli(["train", "--data-dir", str(bad), *args], check=False)
+    assert proc.returncode == 2 and "no usable rows" in proc.stderr
+    assert "1 dropped for bad label (1)" in proc.stderr
+    assert "1 dropped for age out of range (2)" in proc.stderr
+    assert not (tmp_path / "runs" / "r").exists()
+    run_cli(["train", "--data-dir", str(bulk_dir), *args])    # the same name works now
+    assert (tmp_path / "runs" / "r" / "best.keras").is_file()

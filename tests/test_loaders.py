@@ -1,0 +1,89 @@
+"""Input pipelines on real images: tf.data and the PyDataset augment training batches
+only, reshuffle per epoch (a resumed run continues the sequence), and skip an image
+that fails to decode mid-run, up to a limit."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from boneage_keras.augment import build_augmenter
+from boneage_keras.config import load_config
+from boneage_keras.data import load_dataset
+from boneage_keras.images import ImageError, load_image
+from boneage_keras.loaders import BoneAgeDataset, make_tf_dataset
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("loader, engine", [("tfdata", "keras-cv"), ("pydataset", "keras"),
+                                            ("pydataset", "keras-cv")])
+def test_validation_untouched_training_augmented(bulk_dir, loader, engine):
+    cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}", "train.batch_size=8",
+                                               f"data.loader={loader}",
+                                               f"augment.engine={engine}"])
+    table = load_dataset(bulk_dir, check_images=False)[0].head(8)
+    expected = np.stack([load_image(p, SIZE) for p in table["path"]]).astype(np.float32)
+    aug = build_augmenter(cfg.augment, SIZE, seed=0)
+    if loader == "tfdata":
+        val = next(iter(make_tf_dataset(table, cfg, training=False)))
+        train = next(iter(make_tf_dataset(table, cfg, training=True, augmenter=aug)))
+        x_val, y_val = val[0].numpy(), val[1].numpy()
+        x_train, y_train = train[0].numpy(), train[1].numpy()
+    else:
+        x_val, y_val = BoneAgeDataset(table, cfg, training=False)[0]
+        x_train, y_train = BoneAgeDataset(table, cfg, training=True, augmenter=aug)[0]
+    np.testing.assert_array_equal(x_val, expected)
+    np.testing.assert_allclose(y_val, table["boneage"].to_numpy(np.float32))
+    assert x_train.shape == expected.shape and x_train.dtype == np.float32
+    # training images are augmented: no training image equals any original
+    assert not any(np.allclose(t, e, atol=1) for t in x_train for e in expected)
+    assert sorted(y_train) == sorted(y_val)      # the same images, shuffled
+
+
+def test_pydataset_epochs_reshuffle_and_resume_continues(bulk_dir):
+    cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}",
+                                               "train.batch_size=4"])
+    table = load_dataset(bulk_dir, check_images=False)[0].head(40)
+    data = BoneAgeDataset(table, cfg, training=True)
+    orders = []
+    for _ in range(3):
+        data.on_epoch_begin()
+        orders.append(data.order.copy())
+        assert sorted(data.order) == list(range(40))    # each image once per epoch
+    assert not np.array_equal(orders[0], orders[1])
+    assert not np.array_equal(orders[1], orders[2])
+    resumed = BoneAgeDataset(table, cfg, training=True, start_epoch=2)
+    resumed.on_epoch_begin()
+    np.testing.assert_array_equal(resumed.order, orders[2])   # epoch 3 as it was
+
+
+@pytest.mark.parametrize("loader", ["tfdata", "pydataset"])
+def test_an_image_failing_mid_run_is_skipped_up_to_the_limit(bulk_dir, loader, caplog):
+    cfg = load_config("default", [f"data.image_size={SIZE}", "train.batch_size=8",
+                                  f"data.loader={loader}", "data.max_unreadable=1"])
+    table = load_dataset(bulk_dir, check_images=False)[0].head(8).copy()
+    bad = table["path"].iloc[3]
+
+    def flaky(path, *args, **kwargs):          # a disk that fails on one file
+        if path in broken:
+            raise ImageError(f"cannot decode image {path}: read error")
+        return load_image(path, *args, **kwargs)
+
+    broken = {bad}
+    with caplog.at_level(logging.WARNING, logger="boneage_keras"):
+        if loader == "tfdata":
+            _, y, weight = (t.numpy() for t in next(iter(
+                make_tf_dataset(table, cfg, training=False, reader=flaky))))
+            assert len(y) == 8 and weight.tolist() == [1, 1, 1, 0, 1, 1, 1, 1]
+        else:
+            _, y = BoneAgeDataset(table, cfg, training=False, reader=flaky)[0]
+            ages = table["boneage"].to_numpy(np.float32)
+            np.testing.assert_allclose(y, np.delete(ages, 3))    # the image left out
+    assert f"skipped an image that failed to decode: cannot decode image {bad}" in caplog.text
+    broken = set(table["path"].iloc[2:4])       # two failures: over the limit of one
+    with pytest.raises(Exception, match="2 images failed to decode.*max_unreadable=1"):
+        if loader == "tfdata":
+            next(iter(make_tf_dataset(table, cfg, training=False, reader=flaky)))
+        else:
+            BoneAgeDataset(table, cfg, training=False, reader=flaky)[0]

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import console
-from .data import CACHE_DIRNAME, load_dataset
+from .data import cache_root, load_dataset
 from .errors import BoneAgeError
 from .files import write_csv, write_json
 from .images import center_crop, decode_size, load_image, read_gray, resize_gray
@@ -46,10 +46,6 @@ def fingerprint(table: pd.DataFrame) -> str:
         stat = os.stat(path)
         digest.update(f"{image_id}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-
-
-def cache_root(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir) if cache_dir else Path(data_dir) / CACHE_DIRNAME
 
 
 @dataclass

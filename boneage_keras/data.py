@@ -12,6 +12,7 @@ The cleaned table has columns ``id`` (str), ``boneage`` (float months), ``male``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ KAGGLE_DATASET = "kmader/rsna-bone-age"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 AGE_GROUPS = ((0, 60), (61, 120), (121, 180), (181, 240))
 CACHE_DIRNAME = ".boneage-cache"   # prepared images and the decode record live here
+CACHE_ENV = "BONEAGE_CACHE_DIR"
 DECODED_RECORD = "decoded.csv"
 AGE_RANGE = (0.0, 240.0)   # months: the RSNA labels' range (config data.age_range)
 
@@ -297,10 +299,23 @@ def load_dataset(data_dir: str | Path | None, strict: bool = False,
     table, report = clean_table(df, layout.image_dir, check_images=check_images,
                                 strict=strict, source=str(layout.labels_csv),
                                 age_range=age_range,
-                                record_dir=Path(cache_dir) if cache_dir else root
-                                / CACHE_DIRNAME)
+                                record_dir=cache_root(root, cache_dir))
     log.info("%s: %s", layout.labels_csv, report.summary())
     return table, report, root
+
+
+def cache_root(data_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where a data folder's prepared caches and decode record go: ``cache_dir`` if
+    given (``data.cache_dir``, ``--cache-dir``), else ``$BONEAGE_CACHE_DIR/<folder id>``
+    when that variable is set (read-only data, shared machines), else
+    ``DATA_DIR/.boneage-cache``."""
+    if cache_dir:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        key = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+        return Path(env) / f"{Path(data_dir).resolve().name}-{key}"
+    return Path(data_dir) / CACHE_DIRNAME
 
 
 def age_bins(ages: np.ndarray, n_bins: int = 10) -> np.ndarray:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# caches and decode records of the shared sample go to a temporary folder, never into
+# ../shared (tests that check the default location unset it)
+os.environ.setdefault("BONEAGE_CACHE_DIR", tempfile.mkdtemp(prefix="boneage-test-cache-"))
 
 import numpy as np
 import pytest

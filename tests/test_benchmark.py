@@ -23,8 +23,13 @@ def test_benchmark_reports_without_and_with_sex(tmp_path, bulk_dir):
     for name in ("image", "image+sex"):
         metrics = json.loads((tmp_path / "bench" / name / "eval-val" /
                               "metrics.json").read_text())
-        assert rows[name]["val_mae_tta"] == pytest.approx(metrics["tta"]["mae"])
-        assert rows[name]["val_mae"] == pytest.approx(metrics["tta"]["mae_without_tta"])
+        preds = pd.read_csv(tmp_path / "bench" / name / "eval-val" / "predictions.csv")
+        truth = preds["boneage"]
+        assert rows[name]["val_mae_tta"] == pytest.approx(
+            (preds["predicted"] - truth).abs().mean(), abs=1e-6)
+        assert rows[name]["val_mae"] == pytest.approx(
+            (preds["predicted_no_tta"] - truth).abs().mean(), abs=1e-6)
+        assert metrics["n"] == len(preds)
         assert rows[name]["n_val"] == (split["split"] == "val").sum() == 16
         assert rows[name]["train_seconds"] > 0
     config = (tmp_path / "bench" / "image+sex" / "config.yaml").read_text()

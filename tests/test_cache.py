@@ -18,8 +18,10 @@ N_IMAGES = 10
 
 
 @pytest.fixture
-def small_data(sample_dir, tmp_path):
-    """A flat data folder with 10 of the real full-size radiographs (symlinked)."""
+def small_data(sample_dir, tmp_path, monkeypatch):
+    """A flat data folder with 10 of the real full-size radiographs (symlinked); its
+    cache goes to the default place, DATA_DIR/.boneage-cache."""
+    monkeypatch.delenv("BONEAGE_CACHE_DIR")
     labels = pd.read_csv(sample_dir / "labels.csv").head(N_IMAGES)
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
@@ -122,6 +124,26 @@ def test_cache_serves_smaller_sizes_of_the_same_resize_mode(small_data):
     assert np.abs(from_cache.astype(float) - direct.astype(float)).mean() < 6
     assert find_cache(table, small_data, 96, "pad") is None        # too small
     assert find_cache(table, small_data, 40, "stretch") is None    # other resize mode
+
+
+def test_two_caches_over_different_ids_side_by_side(small_data):
+    labels = pd.read_csv(small_data / "labels.csv", dtype={"id": str})
+    labels.head(5).to_csv(small_data / "labels.csv", index=False)
+    prepare_cache(small_data, size=48, progress=False)           # ids 1-5 only
+    labels.to_csv(small_data / "labels.csv", index=False)
+    prepare_cache(small_data, size=64, progress=False)           # all ten
+    table = load_dataset(small_data)[0]
+    first, last = table.head(5), table.tail(5)
+    assert find_cache(first, small_data, 40, "pad").size == 48  # the smallest that fits
+    assert find_cache(last, small_data, 40, "pad").size == 64   # 48 lacks these ids
+    # each cache is checked against its own images: one of the first five changes
+    # (a copy replaces the link: the shared sample itself is never touched)
+    changed = small_data / "images" / f"{first['id'].iloc[1]}.png"
+    data = changed.read_bytes()
+    changed.unlink()
+    changed.write_bytes(data)
+    assert find_cache(first, small_data, 40, "pad") is None     # both hold it: stale
+    assert find_cache(last, small_data, 40, "pad") is None      # 64 holds it too
 
 
 def test_unwritable_cache_location_is_a_clear_error(small_data, tmp_path):

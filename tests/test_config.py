@@ -107,3 +107,37 @@ def test_missing_base_names_the_config_that_refers_to_it(tmp_path):
         load_config(child)
     message = str(err.value)
     assert "recipe.yaml" in message and "nowhere.yaml" in message
+
+
+def test_packaged_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("default").model.backbone == "resnet50"
+    assert load_config("cpu-bench.yaml").model.backbone == "resnet18"   # base chain
+    assert load_config("configs/resnet18-improved.yaml").augment.salt_pepper == [0.03, 0.08]
+    with pytest.raises(ConfigError, match="packaged recipes: cpu-bench, default"):
+        load_config("nonesuch")
+
+
+def test_recipes_are_installed_with_the_package(tmp_path):
+    """A plain (not editable) install carries configs/ as package data."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in (target / "boneage_keras" / "configs").iterdir()) == [
+        "cpu-bench.yaml", "default.yaml", "resnet18-baseline.yaml", "resnet18-improved.yaml"]
+    code = ("import boneage_keras.config as c; from pathlib import Path;"
+            "p = c.resolve_config_path('cpu-bench');"
+            "print(p.parent.parent == Path(c.__file__).parent, "
+            "c.load_config('cpu-bench').model.backbone)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=True,
+                         env={**os.environ, "PYTHONPATH": str(target),
+                              "KERAS_BACKEND": "torch"})
+    assert out.stdout.split() == ["True", "resnet18"], out.stderr[-2000:]

@@ -74,6 +74,7 @@ def test_cleaning_decodes_every_image_once(sample_dir, tmp_path, monkeypatch):
     every image fully, and remembers what it decoded so the cost is paid once."""
     from PIL import Image
 
+    monkeypatch.delenv("BONEAGE_CACHE_DIR")
     (tmp_path / "images").mkdir()
     ids = ["1437", "1440", "1472"]
     for image_id in ids:

@@ -130,11 +130,12 @@ def test_compare_two_models(trained_run, bulk_dir, tmp_path):
 
 
 def test_bad_inputs_are_clear(trained_run, tmp_path, sample_dir):
-    (tmp_path / "not.keras").write_text("hello")
-    with pytest.raises(ModelFileError, match="not.keras"):
+    (tmp_path / "not.keras").write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(ModelFileError, match="not.keras is not a Keras model file"):
         open_model(tmp_path / "not.keras")
-    proc = run_cli(["predict", "--model", str(tmp_path / "missing.keras"),
-                    str(sample_dir / "images" / "4360.png")], check=False)
+    image = str(sample_dir / "images" / "4360.png")
+    proc = run_cli(["predict", "--model", str(tmp_path / "missing.keras"), image],
+                   check=False)
     assert proc.returncode == 2 and "model file not found" in proc.stderr
     (tmp_path / "data" / "images").mkdir(parents=True)
     proc = run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
@@ -144,3 +145,74 @@ def test_bad_inputs_are_clear(trained_run, tmp_path, sample_dir):
     bad.write_text("id,predicted\n1,3\n")
     with pytest.raises(DataError, match="boneage"):
         compare_predictions(bad, bad)
+    model = str(trained_run / "best.keras")
+    # --output in a folder that does not exist: refused before predicting anything
+    proc = run_cli(["predict", "--model", model, "--output",
+                    str(tmp_path / "nowhere" / "p.csv"), image], check=False)
+    assert proc.returncode == 2 and "the folder" in proc.stderr and "does not exist" in \
+        proc.stderr and "Traceback" not in proc.stderr
+    # a missing and a binary test CSV
+    proc = run_cli(["predict", "--model", model, str(tmp_path / "gone.csv")], check=False)
+    assert proc.returncode == 2 and "input not found" in proc.stderr
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 8)
+    proc = run_cli(["predict", "--model", model, str(tmp_path / "binary.csv")], check=False)
+    assert proc.returncode == 2 and "not a readable CSV" in proc.stderr
+    # flags out of range
+    for flag, value in (("--mc-samples", "-4"), ("--mc-samples", "1"), ("--tta", "0")):
+        proc = run_cli(["predict", "--model", model, flag, value, image], check=False)
+        assert proc.returncode == 2 and flag in proc.stderr, (flag, proc.stderr)
+
+
+def test_predict_reads_what_it_can(trained_run, sample_dir, tmp_path):
+    """One unreadable image among many: the rest are predicted, the failure is listed
+    in an error column, and the command exits non-zero."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for image_id in ("1437", "1440", "1472"):
+        (folder / f"{image_id}.png").symlink_to(sample_dir / "images" / f"{image_id}.png")
+    (folder / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    out = tmp_path / "p.csv"
+    proc = run_cli(["predict", "--model", str(trained_run / "best.keras"), "--output",
+                    str(out), str(folder)], check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "1 of 4 images could not be read (9999)" in proc.stderr
+    table = pd.read_csv(out, dtype={"id": str}, keep_default_na=False)
+    assert table["id"].tolist() == ["1437", "1440", "1472", "9999"]
+    assert table.loc[3, "predicted"] == "" and "cannot decode image" in table.loc[3, "error"]
+    assert (table.loc[:2, "error"] == "").all()
+    assert table.loc[:2, "predicted"].astype(float).between(0, 300).all()
+
+
+def test_validation_figures_say_they_are_optimistic(trained_run, tmp_path):
+    """A run with a test split is scored on it; without one, on the validation split
+    that chose the checkpoint, and metrics.json, the table and the report say so."""
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png",
+                                                                   "report.html"))
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})
+    split.loc[split["split"] == "test", "split"] = "train"
+    split.to_csv(run / "split.csv", index=False)
+    proc = run_cli(["evaluate", str(run)])
+    metrics = json.loads((run / "metrics.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert metrics["split_note"].startswith("validation split, used for model selection: "
+                                            "optimistic")
+    assert "used for model selection: optimistic" in proc.stdout
+    assert "used for model selection: optimistic" in (run / "report.html").read_text()
+    proc = run_cli(["evaluate", str(trained_run), "--out", str(tmp_path / "test")])
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["split_note"] \
+        .startswith("test split")
+
+
+def test_metrics_json_is_valid_json_for_a_single_image(trained_run, sample_dir, tmp_path):
+    data = tmp_path / "one"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "1437.png").symlink_to(sample_dir / "images" / "1437.png")
+    (data / "labels.csv").write_text("id,boneage,male\n1437,100,True\n")
+    run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir", str(data),
+             "--out", str(tmp_path / "eval")])
+    text = (tmp_path / "eval" / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert metrics["n"] == 1 and metrics["r2"] is None    # R2 of one image: undefined

@@ -71,7 +71,16 @@ def test_mc_dropout_samples_vary_and_leave_the_model_alone(trained_run, bulk_dir
     out = predict_images(predictor, paths, tta=1, mc_samples=8, progress=False)
     np.testing.assert_allclose(out.predicted, before, atol=0.05)   # point: dropout off
     assert out.std is not None and (out.std > 0).all() and np.isfinite(out.std).all()
-    np.testing.assert_allclose(out.upper - out.lower, 2 * 1.6449 * out.std, rtol=1e-3)
+    # the interval describes the sampled distribution: about 90% of fresh MC samples
+    # fall inside it (8 samples estimate the std, so allow 80-97%)
+    from boneage_keras.inference import dropout_on_copy, open_model as load
+
+    sampler = dropout_on_copy(load(trained_run))
+    images = np.stack([_load(p, 64, "stretch", False) for p in paths]).astype("float32")
+    fresh = np.stack([np.asarray(sampler.predict_on_batch(images)).ravel()
+                      for _ in range(60)])
+    inside = ((fresh >= out.lower) & (fresh <= out.upper)).mean()
+    assert 0.8 <= inside <= 0.97, inside
     again = predict_images(predictor, paths, progress=False).predicted
     np.testing.assert_allclose(again, before, atol=0.05)     # the model is unchanged
     cfg = load_config(None, ["model.backbone=resnet18", "model.weights=none",
@@ -123,12 +132,14 @@ def test_cli_evaluate_with_tta_and_mc_dropout(trained_run, val_subset, tmp_path,
                    backend=backend)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["tta"]["views"] == 3
-    assert metrics["tta"]["mae"] == pytest.approx(metrics["mae"])
     assert metrics["tta"]["mae_without_tta"] != pytest.approx(metrics["mae"], abs=1e-4)
+    # the figure without TTA is what a separate evaluation without TTA measures
+    run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
+             str(val_subset), "--out", str(tmp_path / "plain")], backend=backend)
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert metrics["tta"]["mae_without_tta"] == pytest.approx(plain["mae"], abs=0.05)
     unc = metrics["uncertainty"]
-    assert unc["source"] == "MC dropout (6 samples)" and 0 <= unc["coverage"] <= 1
-    assert unc["verdict"] in ("calibrated", "over-confident (intervals too narrow)",
-                              "under-confident (intervals too wide)")
+    assert unc["source"] == "MC dropout (6 samples)"
     preds = pd.read_csv(out / "predictions.csv")
     assert {"predicted_no_tta", "std", "lower90", "upper90"} <= set(preds.columns)
     inside = (preds["lower90"] <= preds["boneage"]) & (preds["boneage"] <= preds["upper90"])

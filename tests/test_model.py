@@ -76,3 +76,20 @@ def test_saved_model_reloads_with_preprocessing(tmp_path):
                                        "use_sex": False}
     with pytest.raises(ValueError, match="not a boneage-keras model"):
         preprocessing_of(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]))
+
+
+def test_importing_the_package_registers_its_custom_objects(tmp_path):
+    """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
+    from conftest import run_python
+
+    model = build_model(_cfg("model.backbone=resnet18"), 90.0, 30.0)
+    model.compile(loss="mae", metrics=[__import__("boneage_keras.metrics").metrics
+                                       .ToleranceAccuracy()])
+    model.save(tmp_path / "m.keras")
+    code = ("import keras, numpy as np, boneage_keras\n"
+            f"m = keras.saving.load_model(r'{tmp_path / 'm.keras'}')\n"
+            "print(float(m.predict(np.zeros((1, 64, 64, 1)), verbose=0)[0, 0]))\n")
+    assert float(run_python(code).split()[-1]) == pytest.approx(90.0, abs=1e-3)
+    without = "import keras\nkeras.saving.load_model(r'%s')\n" % (tmp_path / "m.keras")
+    with pytest.raises(AssertionError, match="GrayPreprocess"):
+        run_python(without)

@@ -287,7 +287,7 @@ def run_pipeline(size: int, batch: int, data_dir: str, images: int, workers: int
             augmenter.device = None         # the backend's default device: the GPU
         data = BoneAgeDataset(table, cfg, True, augmenter, reader=cache.load)
         start = time.perf_counter()
-        count = sum(len(y) for _, y in iterate(data))
+        count = sum(len(batch[1]) for batch in iterate(data))
         rows.append({"contender": "pipeline", "variant": f"pydataset/{engine}",
                      "batch": batch, "images_per_s": count / (time.perf_counter() - start),
                      "workers": workers, "backend": keras.backend.backend()})
@@ -295,7 +295,7 @@ def run_pipeline(size: int, batch: int, data_dir: str, images: int, workers: int
         augmenter = build_augmenter(cfg.augment, size, seed=0, engine="keras-cv")
         data = make_tf_dataset(table, cfg, True, augmenter, reader=cache.load)
         start = time.perf_counter()
-        count = sum(len(y) for _, y in iterate(data))
+        count = sum(len(batch[1]) for batch in iterate(data))
         rows.append({"contender": "pipeline", "variant": "tfdata/keras-cv", "batch": batch,
                      "images_per_s": count / (time.perf_counter() - start),
                      "workers": os.cpu_count(), "backend": keras.backend.backend()})
@@ -352,7 +352,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         if "precision" in r and (r["batch"], r["precision"]) in native:
             r["ratio_to_native"] = r["images_per_s"] / native[(r["batch"], r["precision"])]
-        if r.get("contender") == "pipeline" and fastest:
+        if r.get("contender") == "pipeline" and fastest and "images_per_s" in r:
             r["ratio_to_fastest_training"] = r["images_per_s"] / fastest
     return rows
 

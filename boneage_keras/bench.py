@@ -51,8 +51,8 @@ def pipeline_throughput(table: pd.DataFrame, cfg: Config, augment: bool,
     data = make_loader(table, cfg, training=augment, reader=reader)
     count = 0
     start = time.perf_counter()
-    for _, y in iterate(data):
-        count += len(y)
+    for batch in iterate(data):          # (inputs, boneage[, weight])
+        count += len(batch[1])
     return count / (time.perf_counter() - start)
 
 

@@ -22,13 +22,14 @@ import pandas as pd
 from .config import load_config
 from .evaluate import evaluate_run
 from .files import write_json
-from .train import train
+from .train import read_state, resume, train
 
 VARIANTS = (("image", False), ("image+sex", True))
 
 
 def _trained(run_dir: Path) -> bool:
-    return (run_dir / "best.keras").is_file() and not (run_dir / "backup").exists()
+    state = read_state(run_dir)
+    return state is not None and (state["finished"] or state["stopped_early"])
 
 
 def _train_variant(config_path: str | Path, overrides: list[str], out_dir: Path,
@@ -38,7 +39,7 @@ def _train_variant(config_path: str | Path, overrides: list[str], out_dir: Path,
         return run_dir, None
     start = time.perf_counter()
     if (run_dir / "config.yaml").is_file():
-        train(load_config(run_dir / "config.yaml"), resume_dir=run_dir, verbose=verbose)
+        resume(run_dir, verbose=verbose)
     else:
         cfg = load_config(config_path, [*overrides, f"model.use_sex={str(use_sex).lower()}",
                                         f"train.output_dir={out_dir}",

@@ -158,6 +158,7 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     def load(path, sex, label):
         image, ok = tf.numpy_function(decode, [path], (tf.uint8, tf.bool), stateful=False)
         image.set_shape((side, side, 1))
+        ok.set_shape(())
         return image, ok, sex, label
 
     ds = tf.data.Dataset.from_tensor_slices((paths, male, labels))

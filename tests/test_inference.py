@@ -73,7 +73,8 @@ def test_mc_dropout_samples_vary_and_leave_the_model_alone(trained_run, bulk_dir
     assert out.std is not None and (out.std > 0).all() and np.isfinite(out.std).all()
     # the interval describes the sampled distribution: about 90% of fresh MC samples
     # fall inside it (8 samples estimate the std, so allow 80-97%)
-    from boneage_keras.inference import dropout_on_copy, open_model as load
+    from boneage_keras.inference import dropout_on_copy
+    from boneage_keras.inference import open_model as load
 
     sampler = dropout_on_copy(load(trained_run))
     images = np.stack([_load(p, 64, "stretch", False) for p in paths]).astype("float32")

@@ -17,7 +17,8 @@ import click
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
     logging.getLogger("boneage_keras").setLevel(logging.INFO)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -75,6 +76,23 @@ def run_cli(args: list[str], backend: str = "torch", timeout: int = 600,
         raise AssertionError(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def cli_here(args: list[str], check: bool = True) -> Any:
+    """Run the CLI in this process (fast: no interpreter or Keras start-up), for error
+    paths and small commands on the torch backend. ``.returncode``, ``.stdout``,
+    ``.stderr`` as from :func:`run_cli`; exceptions other than exits propagate."""
+    from click.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.cli, [str(a) for a in args], catch_exceptions=False)
+    result.returncode = result.exit_code
+    if check and result.exit_code != 0:
+        raise AssertionError(f"cli.py {' '.join(map(str, args))} failed "
+                             f"({result.exit_code}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
 
 
 def run_python(code: str, backend: str = "torch", tensorflow: bool = True,

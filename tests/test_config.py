@@ -131,7 +131,8 @@ def test_recipes_are_installed_with_the_package(tmp_path):
                     "--no-build-isolation", "--target", str(target), str(REPO)],
                    check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in (target / "boneage_keras" / "configs").iterdir()) == [
-        "cpu-bench.yaml", "default.yaml", "resnet18-baseline.yaml", "resnet18-improved.yaml"]
+        "cpu-bench.yaml", "default.yaml", "gpu.yaml", "resnet18-baseline.yaml",
+        "resnet18-improved.yaml"]
     code = ("import boneage_keras.config as c; from pathlib import Path;"
             "p = c.resolve_config_path('cpu-bench');"
             "print(p.parent.parent == Path(c.__file__).parent, "

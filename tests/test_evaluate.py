@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import cli_here
 from PIL import Image
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
@@ -20,7 +20,7 @@ from boneage_keras.model import build_model
 @pytest.fixture(scope="module")
 def evaluated(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    proc = run_cli(["evaluate", str(trained_run), "--split", "val", "--out", str(out)])
+    proc = cli_here(["evaluate", str(trained_run), "--split", "val", "--out", str(out)])
     return out, proc.stdout
 
 
@@ -64,7 +64,7 @@ def test_figures_and_report_are_valid(evaluated):
 
 
 def test_evaluate_model_on_full_size_images(trained_run, sample_dir, tmp_path):
-    proc = run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
+    proc = cli_here(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
                     str(sample_dir), "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n"] == 60 and np.isfinite(metrics["mae"])
@@ -74,11 +74,11 @@ def test_evaluate_model_on_full_size_images(trained_run, sample_dir, tmp_path):
 def test_predict_folder_single_image_and_test_csv(trained_run, sample_dir, tmp_path):
     model = str(trained_run / "best.keras")
     out = tmp_path / "folder.csv"
-    run_cli(["predict", "--model", model, "--output", str(out), str(sample_dir / "images")])
+    cli_here(["predict", "--model", model, "--output", str(out), str(sample_dir / "images")])
     folder = pd.read_csv(out)
     assert list(folder.columns) == ["id", "predicted"] and len(folder) == 60
     assert folder["predicted"].between(0, 300).all()
-    single = run_cli(["predict", "--model", model, str(sample_dir / "images" / "4360.png")])
+    single = cli_here(["predict", "--model", model, str(sample_dir / "images" / "4360.png")])
     lines = single.stdout.strip().splitlines()
     assert lines[0] == "id,predicted" and lines[1].startswith("4360,")
     same = folder.loc[folder["id"] == 4360, "predicted"].item()
@@ -93,7 +93,7 @@ def test_predict_folder_single_image_and_test_csv(trained_run, sample_dir, tmp_p
             sample_dir / "images" / f"{case}.png")
     (kaggle / "boneage-test-dataset.csv").write_text(
         f"Case ID,Sex\n{cases[0]},M\n{cases[1]},F\n")
-    rows = run_cli(["predict", "--model", model, str(kaggle / "boneage-test-dataset.csv")])
+    rows = cli_here(["predict", "--model", model, str(kaggle / "boneage-test-dataset.csv")])
     lines = rows.stdout.strip().splitlines()
     assert lines[0] == "id,predicted" and [line.split(",")[0] for line in lines[1:]] == \
         [str(c) for c in cases]
@@ -104,7 +104,7 @@ def test_compare_two_models(trained_run, bulk_dir, tmp_path):
     from boneage_keras.evaluate import evaluate_table
 
     # B: the trained model on its validation split, through the CLI
-    run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
+    cli_here(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
              str(bulk_dir), "--split", "val", "--out", str(tmp_path / "b")])
     # A: an untrained model (predicts the training mean) on the same images but 3
     cfg = load_config(trained_run / "config.yaml")
@@ -124,7 +124,7 @@ def test_compare_two_models(trained_run, bulk_dir, tmp_path):
     assert o["difference"] < 0 and o["ci_high"] < 0        # the trained model is better
     assert len(first["only_in_b"]) == 3 and first["only_in_a"] == []
     assert sum(g["n"] for g in first["by_age_group"].values()) == o["n"]
-    proc = run_cli(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--resamples",
+    proc = cli_here(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--resamples",
                     "500", "--seed", "7"])
     assert f"{o['difference']:+.2f}" in proc.stdout and "only in B" in proc.stdout
 
@@ -134,11 +134,11 @@ def test_bad_inputs_are_clear(trained_run, tmp_path, sample_dir):
     with pytest.raises(ModelFileError, match="not.keras is not a Keras model file"):
         open_model(tmp_path / "not.keras")
     image = str(sample_dir / "images" / "4360.png")
-    proc = run_cli(["predict", "--model", str(tmp_path / "missing.keras"), image],
+    proc = cli_here(["predict", "--model", str(tmp_path / "missing.keras"), image],
                    check=False)
     assert proc.returncode == 2 and "model file not found" in proc.stderr
     (tmp_path / "data" / "images").mkdir(parents=True)
-    proc = run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
+    proc = cli_here(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
                     str(tmp_path / "data")], check=False)
     assert proc.returncode == 2 and "labels.csv" in proc.stderr
     bad = tmp_path / "b.csv"
@@ -147,19 +147,19 @@ def test_bad_inputs_are_clear(trained_run, tmp_path, sample_dir):
         compare_predictions(bad, bad)
     model = str(trained_run / "best.keras")
     # --output in a folder that does not exist: refused before predicting anything
-    proc = run_cli(["predict", "--model", model, "--output",
+    proc = cli_here(["predict", "--model", model, "--output",
                     str(tmp_path / "nowhere" / "p.csv"), image], check=False)
     assert proc.returncode == 2 and "the folder" in proc.stderr and "does not exist" in \
         proc.stderr and "Traceback" not in proc.stderr
     # a missing and a binary test CSV
-    proc = run_cli(["predict", "--model", model, str(tmp_path / "gone.csv")], check=False)
+    proc = cli_here(["predict", "--model", model, str(tmp_path / "gone.csv")], check=False)
     assert proc.returncode == 2 and "input not found" in proc.stderr
     (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 8)
-    proc = run_cli(["predict", "--model", model, str(tmp_path / "binary.csv")], check=False)
+    proc = cli_here(["predict", "--model", model, str(tmp_path / "binary.csv")], check=False)
     assert proc.returncode == 2 and "not a readable CSV" in proc.stderr
     # flags out of range
     for flag, value in (("--mc-samples", "-4"), ("--mc-samples", "1"), ("--tta", "0")):
-        proc = run_cli(["predict", "--model", model, flag, value, image], check=False)
+        proc = cli_here(["predict", "--model", model, flag, value, image], check=False)
         assert proc.returncode == 2 and flag in proc.stderr, (flag, proc.stderr)
 
 
@@ -172,7 +172,7 @@ def test_predict_reads_what_it_can(trained_run, sample_dir, tmp_path):
         (folder / f"{image_id}.png").symlink_to(sample_dir / "images" / f"{image_id}.png")
     (folder / "9999.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     out = tmp_path / "p.csv"
-    proc = run_cli(["predict", "--model", str(trained_run / "best.keras"), "--output",
+    proc = cli_here(["predict", "--model", str(trained_run / "best.keras"), "--output",
                     str(out), str(folder)], check=False)
     assert proc.returncode == 1, proc.stderr
     assert "1 of 4 images could not be read (9999)" in proc.stderr
@@ -194,14 +194,14 @@ def test_validation_figures_say_they_are_optimistic(trained_run, tmp_path):
     split = pd.read_csv(run / "split.csv", dtype={"id": str})
     split.loc[split["split"] == "test", "split"] = "train"
     split.to_csv(run / "split.csv", index=False)
-    proc = run_cli(["evaluate", str(run)])
+    proc = cli_here(["evaluate", str(run)])
     metrics = json.loads((run / "metrics.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert metrics["split_note"].startswith("validation split, used for model selection: "
                                             "optimistic")
     assert "used for model selection: optimistic" in proc.stdout
     assert "used for model selection: optimistic" in (run / "report.html").read_text()
-    proc = run_cli(["evaluate", str(trained_run), "--out", str(tmp_path / "test")])
+    proc = cli_here(["evaluate", str(trained_run), "--out", str(tmp_path / "test")])
     assert json.loads((tmp_path / "test" / "metrics.json").read_text())["split_note"] \
         .startswith("test split")
 
@@ -211,7 +211,7 @@ def test_metrics_json_is_valid_json_for_a_single_image(trained_run, sample_dir, 
     (data / "images").mkdir(parents=True)
     (data / "images" / "1437.png").symlink_to(sample_dir / "images" / "1437.png")
     (data / "labels.csv").write_text("id,boneage,male\n1437,100,True\n")
-    run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir", str(data),
+    cli_here(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir", str(data),
              "--out", str(tmp_path / "eval")])
     text = (tmp_path / "eval" / "metrics.json").read_text()
     metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))

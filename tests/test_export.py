@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_here, run_cli
 
 from boneage_keras.export import ExportError, export_model
 from boneage_keras.inference import ModelFileError
@@ -112,7 +112,7 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
         ignored = np.loadtxt(out, delimiter=",", skiprows=1, usecols=1)
         np.testing.assert_allclose(ignored, under_torch, atol=0.01)
     if use_sex:   # no sex given to a model that needs it: a clear error, no default
-        proc = run_cli(["predict", "--model", str(deploy / "model.onnx"), paths[0]],
+        proc = cli_here(["predict", "--model", str(deploy / "model.onnx"), paths[0]],
                        check=False)
         assert proc.returncode == 2 and "needs the patient's sex" in proc.stderr
     if not use_sex:
@@ -187,7 +187,7 @@ def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path, monkeypat
         export_model(run, ["keras"], tmp_path / "deploy", overwrite=True)
     (tmp_path / "deploy" / "readme.txt").unlink()
     first = (tmp_path / "deploy" / "model.keras").stat().st_mtime_ns
-    proc = run_cli(["export", str(run), "--format", "keras", "--out",
+    proc = cli_here(["export", str(run), "--format", "keras", "--out",
                     str(tmp_path / "deploy"), "--overwrite"])
     assert "exported keras" in proc.stdout
     assert (tmp_path / "deploy" / "model.keras").stat().st_mtime_ns != first

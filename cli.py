@@ -172,16 +172,26 @@ def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, tta,
               help="Write the predictions to this CSV (default: print them).")
 @click.option("--sex", type=click.Choice(["M", "F"], case_sensitive=False), default=None,
               help="Sex for single images/folders, for models that use it.")
+@click.option("--sex-override", is_flag=True,
+              help="Use --sex even where a DICOM header's PatientSex says otherwise.")
+@click.option("--chronological-age", type=click.FloatRange(0), default=None,
+              metavar="MONTHS", help="Chronological age for images without one in a "
+                                     "DICOM header or CSV column (adds difference).")
+@click.option("--id-from", type=click.Choice(["file", "sop"]), default="file",
+              show_default=True, help="Name DICOM rows by file name or SOPInstanceUID.")
 @_tta_option
 @click.argument("inputs", nargs=-1, required=True)
-def predict(model_paths, output, sex, tta, mc_samples, inputs) -> None:
-    """Bone age for images, folders of images, or a Kaggle test CSV."""
+def predict(model_paths, output, sex, sex_override, chronological_age, id_from, tta,
+            mc_samples, inputs) -> None:
+    """Bone age for images (PNG, JPEG, DICOM), folders of them, or a Kaggle test CSV."""
     _setup_logging(False)
     from boneage_keras.inference import predict_inputs
 
     # The progress bar prints to stdout, so it is shown only when the CSV goes to a file.
     result = predict_inputs(list(model_paths), inputs, sex, output,
-                            progress=output is not None, tta=tta, mc_samples=mc_samples)
+                            progress=output is not None, tta=tta, mc_samples=mc_samples,
+                            sex_override=sex_override, chronological_age=chronological_age,
+                            id_from=id_from)
     if output is None:
         click.echo(result.to_csv(index=False, float_format="%.2f"), nl=False)
     else:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("data") / "rsna-bone-age"
 KAGGLE_DATASET = "kmader/rsna-bone-age"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 AGE_GROUPS = ((0, 60), (61, 120), (121, 180), (181, 240))
 CACHE_DIRNAME = ".boneage-cache"   # prepared images and the decode record live here
 CACHE_ENV = "BONEAGE_CACHE_DIR"
@@ -181,6 +181,14 @@ def decode_problem(path: str) -> str | None:
     the reason it does not."""
     from PIL import Image
 
+    from .dicom import DicomError, is_dicom, read_dicom_pixels
+
+    if is_dicom(path):
+        try:
+            read_dicom_pixels(path)
+            return None
+        except DicomError as err:
+            return str(err)
     try:
         with Image.open(path) as im:
             im.load()

@@ -4,8 +4,9 @@
     >>> header = read_dicom_header("scan.dcm")    # sex, chronological age, SOP UID
 
 Pixels go through the modality LUT (RescaleSlope / RescaleIntercept), then the VOI LUT
-or the first window (WindowCenter / WindowWidth) when the file has one, else the full
-range of the values present, to 0-255; MONOCHROME1 (bone dark) is inverted so that bone
+or the first window (WindowCenter / WindowWidth) when the file has one, else the range
+of the stored values present (lowest to highest, as a viewer's automatic window), to
+0-255; MONOCHROME1 (bone dark) is inverted so that bone
 is bright as in the training data. 8-16 bits stored; compressed transfer syntaxes
 (JPEG lossless, JPEG 2000, RLE) decode through pydicom's pixel-data handlers where their
 packages are installed, and an error names the package where not. Multi-frame files
@@ -27,6 +28,7 @@ from .errors import BoneAgeError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 HANDLER_PACKAGES = {
+    "HTJ2K": "pylibjpeg pylibjpeg-openjpeg",
     "JPEG": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",
     "JPEG 2000": "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)",
     "RLE": "pylibjpeg pylibjpeg-rle (or python-gdcm)",
@@ -70,7 +72,7 @@ def _read(path: str | Path, pixels: bool):
 
 
 def _handler_hint(syntax_name: str) -> str:
-    for key in ("JPEG 2000", "JPEG-LS", "RLE", "JPEG"):
+    for key in ("HTJ2K", "JPEG 2000", "JPEG-LS", "RLE", "JPEG"):
         if key.replace(" ", "").lower() in syntax_name.replace(" ", "").lower():
             return HANDLER_PACKAGES[key]
     return "pylibjpeg with its plugins, or python-gdcm"
@@ -94,7 +96,7 @@ def read_dicom_pixels(path: str | Path) -> np.ndarray:
                          "hand radiographs are grayscale (MONOCHROME1/2).")
     try:
         stored = ds.pixel_array
-    except Exception as err:  # noqa: BLE001 (pydicom raises several types per handler)
+    except Exception as err:
         syntax = ds.file_meta.get("TransferSyntaxUID")
         name = getattr(syntax, "name", str(syntax))
         raise DicomError(f"{path}: its pixel data ({name}) cannot be decoded here: "

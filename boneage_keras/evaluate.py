@@ -150,15 +150,28 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
 
     check_output_dir(out_dir, "--out")
     members = as_members(model)
-    readers = [reader_for(table, data_dir, m.preprocessing["image_size"],
-                          m.preprocessing["resize"], cache_dir) for m in members]
+    notes: dict[str, list[str]] = {}
+
+    def with_notes(reader: Any) -> Any:
+        if reader is not load_image:      # a prepared cache was corrected when built
+            return reader
+        return lambda p, size, resize, crop: load_image(p, size, resize, crop, notes=notes)
+
+    readers = [with_notes(reader_for(table, data_dir, m.preprocessing["image_size"],
+                                     m.preprocessing["resize"], cache_dir))
+               for m in members]
     prediction = predict_images(members, table["path"].tolist(), table["male"].to_numpy(),
                                 tta=tta, mc_samples=mc_samples, reader=readers)
     preds = predictions_table(table, prediction, tolerance_months)
+    inverted = table.loc[table["path"].isin(notes), "id"].astype(str).tolist()
+    if inverted:
+        log.warning("%d image(s) looked inverted (bright background, dark bones) and were "
+                    "inverted back: %s", len(inverted), ", ".join(inverted[:10]))
     metrics = full_report(preds["boneage"], preds["predicted"], preds["male"],
                           tolerance_months)
     metrics.update(_extra_metrics(preds, prediction, mc_samples, tolerance_months))
     metrics["title"] = title
+    metrics["inverted_images"] = len(inverted)
     if split_note:
         metrics["split_note"] = split_note
     write_csv(out_dir / "predictions.csv", preds)

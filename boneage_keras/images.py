@@ -2,8 +2,12 @@
 
 This is the model-independent part of preprocessing, shared by every loader and by
 ``predict``; normalisation for the backbone lives inside the model (see model.py).
+PNG and JPEG (8/16-bit, gray/RGB/palette) through PIL, DICOM through ``dicom.py``.
+A PNG/JPEG that looks inverted (bright background, dark bones) is inverted back and
+noted (:func:`looks_inverted`).
 
     >>> arr = load_image("1437.png", size=224, resize="pad")   # (224, 224, 1) uint8
+    >>> notes = {}; load_image("scan.png", 224, notes=notes)    # notes[path]: warnings
 """
 
 from __future__ import annotations
@@ -66,14 +70,67 @@ def resize_gray(arr: np.ndarray, size: int, resize: str = "pad") -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Decode an image file to a 2-D uint8 array, or raise ImageError naming it."""
+# Logistic regression on inversion_features, fitted on the real sample by
+# scripts/fit_inversion_detector.py (real images vs their inverted copies). Measured
+# there, cross-validated: see the README, "Clinical images".
+INVERSION_WEIGHTS = (-1.0776, 4.1416, -8.4475, 2.8879, 6.4847, 55.9467, -3.554, -4.5594,
+                     -23.2039, -0.5108)
+INVERSION_BIAS = -18.0545
+INVERTED_NOTE = "looked inverted (bright background, dark bones): inverted back"
+
+
+def inversion_features(gray: np.ndarray) -> np.ndarray:
+    """What tells a radiograph from its negative: bones are thin structures brighter
+    than their surroundings (skew of the fine detail at three scales, in the centre),
+    and the background is dark (border and centre brightness, percentiles)."""
+    from scipy import ndimage, stats
+
+    x = resize_gray(gray, 128, "pad").astype(np.float64) / 255.0
+    h = x.shape[0]
+    centre = x[int(h * 0.2):int(h * 0.8), int(h * 0.2):int(h * 0.8)]
+    b = max(1, round(0.06 * h))
+    border = np.concatenate([x[:b].ravel(), x[-b:].ravel(), x[:, :b].ravel(),
+                             x[:, -b:].ravel()])
+
+    def skew(values: np.ndarray) -> float:
+        return float(stats.skew(values.ravel())) if np.ptp(values) > 0 else 0.0
+
+    detail = [skew(centre - ndimage.gaussian_filter(centre, s)) for s in (1.5, 3, 6)]
+    return np.array([*detail, skew(centre), float(np.median(border)),
+                     float(np.median(x)), float(np.median(centre)),
+                     float(np.percentile(centre, 99)), float(np.percentile(centre, 1)),
+                     float(centre.mean() - np.median(border))])
+
+
+def looks_inverted(gray: np.ndarray) -> bool:
+    """Whether a 2-D uint8 radiograph shows bones dark on a bright background."""
+    score = float(np.dot(INVERSION_WEIGHTS, inversion_features(gray)) + INVERSION_BIAS)
+    return score > 0.0
+
+
+def read_gray(path: str | Path, notes: dict[str, list[str]] | None = None,
+              fix_inverted: bool = True) -> np.ndarray:
+    """Decode an image file (PNG, JPEG or DICOM) to a 2-D uint8 array with bone
+    bright, or raise ImageError naming it. A PNG/JPEG that looks inverted is inverted
+    back (``fix_inverted``) and a note is added to ``notes[str(path)]``."""
+    from .dicom import DicomError, is_dicom, read_dicom_pixels
+
+    if is_dicom(path):
+        try:
+            return read_dicom_pixels(path)
+        except DicomError as err:
+            raise ImageError(str(err)) from None
     try:
         with Image.open(path) as image:
             image.load()
-            return to_gray_uint8(image)
+            gray = to_gray_uint8(image)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot decode image {path}: {err}") from None
+    if fix_inverted and looks_inverted(gray):
+        if notes is not None:
+            notes.setdefault(str(path), []).append(INVERTED_NOTE)
+        return 255 - gray
+    return gray
 
 
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
@@ -99,6 +156,7 @@ def preprocess_array(gray: np.ndarray, size: int, resize: str = "pad",
 
 
 def load_image(path: str | Path, size: int, resize: str = "pad", crop: bool = False,
-               center: bool = True) -> np.ndarray:
+               center: bool = True, notes: dict[str, list[str]] | None = None,
+               ) -> np.ndarray:
     """Decode a file, make it gray, pad/stretch and resize: (size, size, 1) uint8."""
-    return preprocess_array(read_gray(path), size, resize, crop, center)
+    return preprocess_array(read_gray(path, notes), size, resize, crop, center)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +32,13 @@ import numpy as np
 import pandas as pd
 
 from . import console
-from .data import IMAGE_SUFFIXES, DataError, sex_or_error
+from .data import IMAGE_SUFFIXES, DataError, parse_sex, sex_or_error
 from .errors import BoneAgeError
 from .files import check_output_file, write_csv
 from .images import ImageError, load_image
 from .model import load_model, preprocessing_of
 
+log = logging.getLogger(__name__)
 Z90 = 1.6448536269514722   # two-sided 90% normal quantile
 TTA_VIEWS = ("identity", "flip", "rotate+5", "rotate-5", "shift-right", "shift-left",
              "shift-down", "shift-up")
@@ -394,31 +396,99 @@ def extra_columns(prediction: Prediction) -> pd.DataFrame:
     return pd.DataFrame(extra)
 
 
-def collect_inputs(inputs: Iterable[str | Path], sex: str | None = None) -> pd.DataFrame:
-    """Image files, folders of images, or a Kaggle test CSV -> table id, path, male.
+def collect_inputs(inputs: Iterable[str | Path], sex: str | None = None,
+                   sex_override: bool = False, chronological_age: float | None = None,
+                   id_from: str = "file") -> pd.DataFrame:
+    """Image files (PNG, JPEG, DICOM), folders of them (searched recursively, as a PACS
+    export nests them), or a test CSV -> table ``id, path, male, chronological_age``.
 
     The Kaggle test layout is ``boneage-test-dataset.csv`` (``Case ID``, ``Sex``) with
     images in ``boneage-test-dataset/`` beside it; a labels CSV with ``id`` and
-    ``male`` columns and images in ``images/`` works too.
+    ``male`` columns and images in ``images/`` works too (an optional
+    ``chronological_age`` column in months is read). For DICOM files the header's
+    PatientSex is used when ``sex`` is not given (a ``sex`` that contradicts it is an
+    error unless ``sex_override``), and the chronological age comes from PatientAge or
+    StudyDate - PatientBirthDate; ``chronological_age`` (months) fills it for the
+    others. ``id_from="sop"`` names DICOM rows by their SOPInstanceUID instead of the
+    file name. Files in folders that are not images are skipped and listed in
+    ``table.attrs["skipped"]`` (name, reason).
     """
     rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
     default_male = sex_or_error(sex, "--sex") if sex is not None else None
     for item in map(Path, inputs):
         if item.suffix.lower() == ".csv":
             rows.extend(_rows_from_csv(item))
         elif item.is_dir():
-            files = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files, passed = _folder_images(item)
+            skipped.extend(passed)
             if not files:
-                raise DataError(f"{item}: folder holds no .png/.jpg images.")
-            rows.extend({"id": p.stem, "path": str(p), "male": default_male} for p in files)
+                raise DataError(f"{item}: folder holds no PNG, JPEG or DICOM images"
+                                + (f" ({len(passed)} other files skipped, e.g. "
+                                   f"{passed[0][0]}: {passed[0][1]})" if passed else "")
+                                + ".")
+            rows.extend({"id": p.stem, "path": str(p), "male": None} for p in files)
         elif item.is_file():
-            rows.append({"id": item.stem, "path": str(item), "male": default_male})
+            rows.append({"id": item.stem, "path": str(item), "male": None})
         else:
             raise DataError(f"input not found: {item}. Give image files, folders of images "
                             "or a test CSV.")
     if not rows:
         raise DataError("no input given: pass image files, folders or a test CSV.")
-    return pd.DataFrame(rows)
+    for row in rows:
+        _fill_from_header(row, default_male, sex_override, chronological_age, id_from)
+    table = pd.DataFrame(rows)
+    if "chronological_age" not in table:
+        table["chronological_age"] = np.nan
+    table.attrs["skipped"] = skipped
+    return table
+
+
+def _folder_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """PNG/JPEG/DICOM files under ``folder`` (recursively, hidden folders left out)
+    and the other files with why each was skipped."""
+    from .dicom import is_dicom
+
+    images, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.name.upper() == "DICOMDIR":
+            skipped.append((str(relative), "a DICOMDIR index, not an image"))
+        elif path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path):
+            images.append(path)
+        else:
+            kind = path.suffix or "no extension"
+            skipped.append((str(relative), f"not PNG, JPEG or DICOM ({kind})"))
+    return images, skipped
+
+
+def _fill_from_header(row: dict[str, Any], default_male: bool | None, sex_override: bool,
+                      chronological_age: float | None, id_from: str) -> None:
+    """Sex, chronological age and id of one input row, from the DICOM header if any."""
+    from .dicom import is_dicom, read_dicom_header
+
+    given_male = row["male"] if row["male"] is not None else default_male
+    if not is_dicom(row["path"]):
+        row["male"] = given_male
+        if row.get("chronological_age") is None or pd.isna(row.get("chronological_age")):
+            row["chronological_age"] = chronological_age
+        return
+    try:
+        header = read_dicom_header(row["path"])
+    except BoneAgeError as err:
+        raise DataError(str(err)) from None
+    header_male = parse_sex(header.sex_text) if header.sex_text in ("M", "F") else None
+    if given_male is not None and header_male is not None and given_male != header_male \
+            and not sex_override:
+        raise DataError(f"{row['path']}: the sex given ({'M' if given_male else 'F'}) "
+                        f"contradicts the DICOM header's PatientSex ({header.sex_text}); "
+                        "check the file, or pass --sex-override to use yours.")
+    row["male"] = given_male if given_male is not None else header_male
+    row["chronological_age"] = header.chronological_age
+    if id_from == "sop" and header.sop_instance_uid:
+        row["id"] = header.sop_instance_uid
 
 
 def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
@@ -445,7 +515,14 @@ def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
             raise DataError(f"{csv}, line {n}: no image for id {image_id} in "
                             + ", ".join(str(f) for f in folders[:3]) + ".")
         male = sex_or_error(record[sex_col], f"{csv}, line {n}") if sex_col else None
-        rows.append({"id": image_id, "path": str(path), "male": male})
+        age = record.get("chronological_age")
+        try:
+            age = float(age) if age not in (None, "") and not pd.isna(age) else None
+        except ValueError:
+            raise DataError(f"{csv}, line {n}: chronological_age {age!r} is not a number "
+                            "of months.") from None
+        rows.append({"id": image_id, "path": str(path), "male": male,
+                     "chronological_age": age})
     return rows
 
 
@@ -457,33 +534,57 @@ def sex_column(table: pd.DataFrame, use_sex: bool) -> np.ndarray | None:
     unknown = table["male"].isna()
     if unknown.any():
         raise DataError(f"this model needs the patient's sex; none given for "
-                        f"{table.loc[unknown, 'id'].iloc[0]} (use --sex M|F or a CSV "
-                        "with a Sex column).")
+                        f"{table.loc[unknown, 'id'].iloc[0]} (use --sex M|F, a CSV with a "
+                        "Sex column, or DICOM files whose PatientSex is M or F).")
     return table["male"].astype(bool).to_numpy()
 
 
 def predict_inputs(model_path: str | Path | Sequence[str | Path],
                    inputs: Iterable[str | Path], sex: str | None = None,
                    output: str | Path | None = None, progress: bool = True, tta: int = 1,
-                   mc_samples: int = 0) -> pd.DataFrame:
-    """Predict bone age for images/folders/test CSVs with a model or an ensemble;
-    optionally write a CSV. Columns: id, [male], predicted, and with TTA, several
-    models or MC samples: predicted_no_tta, member_K, std, lower90, upper90; where
-    images could not be read, an ``error`` column (their ``predicted`` is empty)."""
+                   mc_samples: int = 0, sex_override: bool = False,
+                   chronological_age: float | None = None,
+                   id_from: str = "file") -> pd.DataFrame:
+    """Predict bone age for images (PNG, JPEG, DICOM), folders of them or test CSVs
+    with a model or an ensemble; optionally write a CSV.
+
+    Columns: id, [male], predicted; with TTA, several models or MC samples:
+    predicted_no_tta, member_K, std, lower90, upper90; where a chronological age is
+    known (DICOM header, ``chronological_age``, a CSV column): chronological_age and
+    difference (bone age - chronological age, months); where an image looked inverted
+    and was inverted back: warnings; where an image could not be read: error (its
+    ``predicted`` is empty)."""
     if output is not None:
         check_output_file(output, "--output")
     paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
     members = open_members(paths)
-    table = collect_inputs(inputs, sex)
+    table = collect_inputs(inputs, sex, sex_override, chronological_age, id_from)
+    skipped = table.attrs.get("skipped", [])
+    if skipped:
+        log.warning("skipped %d file(s) that are not images: %s", len(skipped),
+                    "; ".join(f"{name} ({why})" for name, why in skipped[:5])
+                    + (" ..." if len(skipped) > 5 else ""))
     use_sex = any(m.preprocessing["use_sex"] for m in members)
     male = sex_column(table, use_sex)
+    notes: dict[str, list[str]] = {}
+
+    def read(path: str, size: int, resize: str, crop: bool) -> np.ndarray:
+        return load_image(path, size, resize, crop, notes=notes)
+
     prediction = predict_images(members, table["path"].tolist(), male, tta=tta,
-                                mc_samples=mc_samples, progress=progress,
+                                mc_samples=mc_samples, progress=progress, reader=read,
                                 skip_unreadable=True)
     result = pd.DataFrame({"id": table["id"], "predicted": prediction.predicted})
     if use_sex:
         result.insert(1, "male", male)
     result = pd.concat([result, extra_columns(prediction)], axis=1)
+    ages = pd.to_numeric(table["chronological_age"], errors="coerce").to_numpy(float)
+    if np.isfinite(ages).any():
+        result["chronological_age"] = ages
+        result["difference"] = prediction.predicted - ages
+    if notes:
+        result["warnings"] = ["; ".join(dict.fromkeys(notes.get(p, [])))
+                              for p in table["path"]]
     if prediction.failed:
         result["error"] = [prediction.failed.get(i, "") for i in range(len(result))]
     if output is not None:

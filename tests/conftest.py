@@ -53,24 +53,30 @@ def write_flat_dataset(root: Path, rows: list[tuple[str, object, object]],
     return root
 
 
-NO_TENSORFLOW = REPO / "tests" / "no_tensorflow"
+HIDE_MODULES = REPO / "tests" / "hide_modules"
+TENSORFLOW_MODULES = ("tensorflow", "keras_cv", "tf_keras", "tensorflow_datasets", "tf2onnx")
 
 
-def backend_env(backend: str, tensorflow: bool = True) -> dict[str, str]:
+def backend_env(backend: str, tensorflow: bool = True,
+                hide: tuple[str, ...] = ()) -> dict[str, str]:
     """The environment of a child process on ``backend``; ``tensorflow=False`` makes
-    TensorFlow and keras-cv unimportable there (tests/no_tensorflow/sitecustomize.py)."""
+    TensorFlow and keras-cv unimportable there, ``hide`` other top-level modules
+    (tests/hide_modules/sitecustomize.py)."""
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    if not tensorflow:
+    hidden = (*(() if tensorflow else TENSORFLOW_MODULES), *hide)
+    if hidden:
+        env["BONEAGE_TEST_HIDE"] = ",".join(hidden)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(NO_TENSORFLOW), *filter(None, [os.environ.get("PYTHONPATH")])])
+            [str(HIDE_MODULES), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
 
 def run_cli(args: list[str], backend: str = "torch", timeout: int = 600,
-            check: bool = True, tensorflow: bool = True) -> subprocess.CompletedProcess:
+            check: bool = True, tensorflow: bool = True,
+            hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run ``python cli.py ARGS`` in a fresh process on the given Keras backend."""
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO,
-                          env=backend_env(backend, tensorflow), capture_output=True,
+                          env=backend_env(backend, tensorflow, hide), capture_output=True,
                           text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"cli.py {' '.join(args)} failed ({proc.returncode}):\n"

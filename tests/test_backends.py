@@ -1,7 +1,7 @@
 """Every Keras backend, with and without TensorFlow, on real images.
 
 torch and JAX train, evaluate, predict, explain, bench and export in processes that
-cannot import TensorFlow (tests/no_tensorflow); a ``.keras`` file trained on any of the
+cannot import TensorFlow (tests/hide_modules); a ``.keras`` file trained on any of the
 three backends predicts the same on the other two; tf.data used for input only never
 takes the GPU from torch or JAX.
 """

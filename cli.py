@@ -105,6 +105,15 @@ def _print_metrics(metrics: dict) -> None:
     for member in metrics.get("ensemble", {}).get("members", []):
         click.echo(f"member {member['model']}: MAE {member['mae']:.2f}  "
                    f"acc(+-{tol:g})={member['tolerance_accuracy']:.3f}")
+    if "recalibration" in metrics:
+        r = metrics["recalibration"]
+        iv = r["interval"]
+        click.echo(f"recalibrated (fitted on validation): MAE {r['before']['mae']:.2f} -> "
+                   f"{r['after']['mae']:.2f}, slope of predicted on true "
+                   f"{r['before']['regression_to_mean']['slope']:.3f} -> "
+                   f"{r['after']['regression_to_mean']['slope']:.3f}; {iv['level']:.0%} "
+                   f"conformal interval covers {iv['coverage']:.1%}, mean width "
+                   f"{iv['mean_width']:.1f} months")
     if "uncertainty" in metrics:
         u = metrics["uncertainty"]
         click.echo(f"{u['level']:.0%} interval ({u['source']}): coverage {u['coverage']:.1%}, "
@@ -140,8 +149,12 @@ def _tta_option(f):
               help="Output folder (default: RUN_DIR, or ./evaluation with --model).")
 @click.option("--tolerance", type=click.FloatRange(0, min_open=True), default=None,
               help="Tolerance in months (default: the run's, else 12).")
+@click.option("--recalibrate", is_flag=True,
+              help="RUN_DIR with a test split: fit the regression-to-the-mean correction "
+                   "and the conformal 90%% interval on its validation split (saved as "
+                   "calibration.json) and score them on the test split.")
 @_tta_option
-def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, tta,
+def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, recalibrate, tta,
              mc_samples) -> None:
     """Metrics, predictions.csv, figures and report.html for runs or model files.
 
@@ -153,8 +166,11 @@ def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, tta,
         raise click.UsageError("give either RUN_DIR... or --model FILE --data-dir DIR.")
     if run_dirs:
         result = evaluate_run(list(run_dirs), split or "auto", data_dir, out_dir, tolerance,
-                              tta=tta, mc_samples=mc_samples)
+                              tta=tta, mc_samples=mc_samples, recalibrate=recalibrate)
     else:
+        if recalibrate:
+            raise click.UsageError("--recalibrate takes RUN_DIR (its validation split is "
+                                   "what the correction is fitted on), not --model.")
         if data_dir is None:
             raise click.UsageError("--model needs --data-dir with labelled images.")
         result = evaluate_model(list(model_paths), data_dir, split or "all",
@@ -179,10 +195,13 @@ def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, tta,
                                      "DICOM header or CSV column (adds difference).")
 @click.option("--id-from", type=click.Choice(["file", "sop"]), default="file",
               show_default=True, help="Name DICOM rows by file name or SOPInstanceUID.")
+@click.option("--recalibrate", is_flag=True,
+              help="Apply the calibration stored with the model (evaluate --recalibrate): "
+                   "corrected months and a conformal 90%% interval.")
 @_tta_option
 @click.argument("inputs", nargs=-1, required=True)
-def predict(model_paths, output, sex, sex_override, chronological_age, id_from, tta,
-            mc_samples, inputs) -> None:
+def predict(model_paths, output, sex, sex_override, chronological_age, id_from,
+            recalibrate, tta, mc_samples, inputs) -> None:
     """Bone age for images (PNG, JPEG, DICOM), folders of them, or a Kaggle test CSV."""
     _setup_logging(False)
     from boneage_keras.inference import predict_inputs
@@ -191,7 +210,7 @@ def predict(model_paths, output, sex, sex_override, chronological_age, id_from, 
     result = predict_inputs(list(model_paths), inputs, sex, output,
                             progress=output is not None, tta=tta, mc_samples=mc_samples,
                             sex_override=sex_override, chronological_age=chronological_age,
-                            id_from=id_from)
+                            id_from=id_from, recalibrate=recalibrate)
     if output is None:
         click.echo(result.to_csv(index=False, float_format="%.2f"), nl=False)
     else:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .cache import reader_for
+from .calibration import apply_calibration, fit_calibration
 from .config import load_config
 from .data import DataError, load_dataset
 from .files import check_output_dir, write_csv, write_json
@@ -38,6 +39,7 @@ from .inference import (
 from .metrics import (
     full_report,
     interval_calibration,
+    recalibration_report,
     regression_report,
 )
 from .plots import (
@@ -137,7 +139,8 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                    history_csv: Path | None = None,
                    cache_dir: str | Path | None = None,
                    data_dir: str | Path | None = None, tta: int = 1,
-                   mc_samples: int = 0, split_note: str | None = None) -> EvaluationResult:
+                   mc_samples: int = 0, split_note: str | None = None,
+                   calibration: dict[str, Any] | None = None) -> EvaluationResult:
     """Predict ``table`` (id, boneage, male, path) with a model or an ensemble (a list),
     write metrics, predictions, figures and report (``split_note``: what the evaluated
     images are, e.g. that they chose the checkpoint, said in metrics.json and report).
@@ -162,7 +165,14 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
                for m in members]
     prediction = predict_images(members, table["path"].tolist(), table["male"].to_numpy(),
                                 tta=tta, mc_samples=mc_samples, reader=readers)
+    raw = prediction.predicted.copy()
+    if calibration is not None:
+        corrected, lower, upper = apply_calibration(calibration, raw, prediction.std)
+        prediction.predicted = corrected
     preds = predictions_table(table, prediction, tolerance_months)
+    if calibration is not None:
+        preds["predicted_uncorrected"] = raw
+        preds["lower90"], preds["upper90"] = lower, upper
     inverted = table.loc[table["path"].isin(notes), "id"].astype(str).tolist()
     if inverted:
         log.warning("%d image(s) looked inverted (bright background, dark bones) and were "
@@ -170,6 +180,10 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
     metrics = full_report(preds["boneage"], preds["predicted"], preds["male"],
                           tolerance_months)
     metrics.update(_extra_metrics(preds, prediction, mc_samples, tolerance_months))
+    if calibration is not None:
+        metrics["recalibration"] = recalibration_report(
+            preds["boneage"].to_numpy(), raw, preds["predicted"].to_numpy(), lower, upper,
+            calibration, tolerance_months)
     metrics["title"] = title
     metrics["inverted_images"] = len(inverted)
     if split_note:
@@ -220,12 +234,14 @@ def _attach_paths(rows: pd.DataFrame, data_dir: str | Path | None) -> pd.DataFra
 def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto",
                  data_dir: str | Path | None = None, out_dir: str | Path | None = None,
                  tolerance_months: float | None = None, tta: int = 1,
-                 mc_samples: int = 0) -> EvaluationResult:
+                 mc_samples: int = 0, recalibrate: bool = False) -> EvaluationResult:
     """Evaluate a run's best.keras on its own split (test if it has one, else val).
 
     Several run directories form an ensemble, evaluated on the first run's split; every
     run must have held those images out of its training (same split), else it is an
-    error, since the ensemble's figures would be optimistic."""
+    error, since the ensemble's figures would be optimistic. ``recalibrate`` fits the
+    linear correction and the conformal 90% interval on the validation split (stored
+    in the first run's calibration.json) and scores them on the test split."""
     runs = [Path(r) for r in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
     for run in runs:
         if not (run / "config.yaml").is_file() or not (run / "split.csv").is_file():
@@ -250,13 +266,31 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     if out_dir is None and len(runs) > 1:
         raise DataError("an ensemble of runs needs --out DIR for its evaluation.")
     name = first.name if len(runs) == 1 else f"ensemble of {len(runs)} runs"
+    cache_dir = cfg.data.cache_dir if cfg.data.use_cache else None
+    cached_data = (data_dir or cfg.data.data_dir) if cfg.data.use_cache else None
+    calibration = None
+    if recalibrate:
+        if evaluated != {"test"}:
+            raise DataError("--recalibrate fits on the validation split and scores on the "
+                            f"test split; {first} has no test split to score it on (train "
+                            "with data.test_fraction > 0).")
+        val = _attach_paths(_split_rows(first / "split.csv", "val"),
+                            data_dir or cfg.data.data_dir)
+        members = models if len(models) > 1 else models[0]
+        fit = predict_images(members, val["path"].tolist(), val["male"].to_numpy(),
+                             tta=tta, mc_samples=mc_samples,
+                             reader=reader_for(val, cached_data, cfg.data.image_size,
+                                               cfg.data.resize, cache_dir))
+        calibration = fit_calibration(val["boneage"].to_numpy(), fit.predicted, fit.std)
+        calibration.update(tta=tta, mc_samples=mc_samples, members=len(models))
+        write_json(first / "calibration.json", calibration)
+        summary["recalibration"] = "fitted on the validation split, scored on test"
     return evaluate_table(models if len(models) > 1 else models[0], table,
                           Path(out_dir) if out_dir else first, tolerance,
                           title=f"{name} ({split})", config_summary=summary,
                           history_csv=first / "history.csv" if len(runs) == 1 else None,
-                          cache_dir=cfg.data.cache_dir if cfg.data.use_cache else None,
-                          data_dir=(data_dir or cfg.data.data_dir) if cfg.data.use_cache
-                          else None, tta=tta, mc_samples=mc_samples,
+                          cache_dir=cache_dir, data_dir=cached_data, tta=tta,
+                          mc_samples=mc_samples, calibration=calibration,
                           split_note=SPLIT_NOTES.get("val") if evaluated == {"val"}
                           else SPLIT_NOTES.get("test") if evaluated == {"test"} else None)
 

@@ -98,6 +98,8 @@ def _metadata(model_path: Path, run_dir: Path | None, formats: list[str]) -> dic
                             ("epochs", "batch_size", "optimizer", "learning_rate", "loss",
                              "seed")}
         meta["training"]["weights"] = cfg["model"].get("weights")
+        if (run_dir / "calibration.json").is_file():
+            meta["calibration"] = json.loads((run_dir / "calibration.json").read_text())
         if (run_dir / "metrics.json").is_file():
             metrics = json.loads((run_dir / "metrics.json").read_text())
             meta["metrics"] = {k: metrics[k] for k in ("mae", "rmse", "r2", "bias",

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import console
+from .calibration import apply_calibration
 from .data import IMAGE_SUFFIXES, DataError, parse_sex, sex_or_error
 from .errors import BoneAgeError
 from .files import check_output_file, write_csv
@@ -526,6 +527,29 @@ def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def find_calibration(model_path: str | Path, members: int, mc_samples: int
+                     ) -> dict[str, Any]:
+    """The calibration stored with a model: ``calibration.json`` in its run directory
+    (or beside its .keras file), or the ``calibration`` of an export's model.json; it
+    must have been fitted for the same number of models and MC samples."""
+    path = Path(model_path)
+    folder = path if path.is_dir() else path.parent
+    cal = None
+    if (folder / "calibration.json").is_file():
+        cal = json.loads((folder / "calibration.json").read_text())
+    elif (folder / "model.json").is_file() or path.suffix == ".onnx":
+        cal = _export_meta(path).get("calibration")
+    if cal is None:
+        raise ModelFileError(f"--recalibrate: no calibration stored with {model_path}; fit "
+                             "one with `cli.py evaluate RUN --recalibrate` (it needs a run "
+                             "with a test split), then export or predict from that run.")
+    if cal.get("members", 1) != members or (cal.get("mc_samples", 0) > 1) != (mc_samples > 1):
+        raise ModelFileError(f"--recalibrate: the calibration of {model_path} was fitted for "
+                             f"{cal.get('members', 1)} model(s) and --mc-samples "
+                             f"{cal.get('mc_samples', 0)}; predict the same way.")
+    return cal
+
+
 def sex_column(table: pd.DataFrame, use_sex: bool) -> np.ndarray | None:
     """The ``male`` column of a :func:`collect_inputs` table for a model that takes the
     sex (None for one that does not); a missing value is an error, never a default."""
@@ -544,7 +568,7 @@ def predict_inputs(model_path: str | Path | Sequence[str | Path],
                    output: str | Path | None = None, progress: bool = True, tta: int = 1,
                    mc_samples: int = 0, sex_override: bool = False,
                    chronological_age: float | None = None,
-                   id_from: str = "file") -> pd.DataFrame:
+                   id_from: str = "file", recalibrate: bool = False) -> pd.DataFrame:
     """Predict bone age for images (PNG, JPEG, DICOM), folders of them or test CSVs
     with a model or an ensemble; optionally write a CSV.
 
@@ -553,10 +577,14 @@ def predict_inputs(model_path: str | Path | Sequence[str | Path],
     known (DICOM header, ``chronological_age``, a CSV column): chronological_age and
     difference (bone age - chronological age, months); where an image looked inverted
     and was inverted back: warnings; where an image could not be read: error (its
-    ``predicted`` is empty)."""
+    ``predicted`` is empty). ``recalibrate`` applies the run's (or export's)
+    calibration: corrected months (``predicted_uncorrected`` keeps the model's) and
+    its conformal 90% interval (``lower90``, ``upper90``)."""
     if output is not None:
         check_output_file(output, "--output")
     paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    calibration = find_calibration(paths[0], len(paths), mc_samples) if recalibrate \
+        else None
     members = open_members(paths)
     table = collect_inputs(inputs, sex, sex_override, chronological_age, id_from)
     skipped = table.attrs.get("skipped", [])
@@ -574,10 +602,17 @@ def predict_inputs(model_path: str | Path | Sequence[str | Path],
     prediction = predict_images(members, table["path"].tolist(), male, tta=tta,
                                 mc_samples=mc_samples, progress=progress, reader=read,
                                 skip_unreadable=True)
+    raw = prediction.predicted
+    if calibration is not None:
+        prediction.predicted, lower, upper = apply_calibration(calibration, raw,
+                                                               prediction.std)
     result = pd.DataFrame({"id": table["id"], "predicted": prediction.predicted})
     if use_sex:
         result.insert(1, "male", male)
     result = pd.concat([result, extra_columns(prediction)], axis=1)
+    if calibration is not None:
+        result["predicted_uncorrected"] = raw
+        result["lower90"], result["upper90"] = lower, upper
     ages = pd.to_numeric(table["chronological_age"], errors="coerce").to_numpy(float)
     if np.isfinite(ages).any():
         result["chronological_age"] = ages

@@ -95,6 +95,54 @@ def accuracy_at(y_true: np.ndarray, y_pred: np.ndarray,
     return {f"{t:g}": tolerance_accuracy(y_true, y_pred, t) for t in tolerances}
 
 
+def regression_to_mean(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """The slope and intercept of predicted on true age: 1 and 0 without regression to
+    the mean; a slope below 1 pulls young ages up and old ages down."""
+    y_true = np.asarray(y_true, np.float64)
+    y_pred = np.asarray(y_pred, np.float64)
+    if len(y_true) < 2 or np.ptp(y_true) <= 0:
+        return {"slope": float("nan"), "intercept": float("nan")}
+    slope, intercept = np.polyfit(y_true, y_pred, 1)
+    return {"slope": float(slope), "intercept": float(intercept)}
+
+
+def coverage_report(y_true: np.ndarray, lower: np.ndarray, upper: np.ndarray
+                    ) -> dict[str, Any]:
+    """Fraction of true ages inside [lower, upper] and the mean width, overall and per
+    study age group (groups with fewer than 10 images get n only)."""
+    y_true = np.asarray(y_true, np.float64)
+    inside = (y_true >= lower) & (y_true <= upper)
+    out: dict[str, Any] = {"coverage": float(inside.mean()),
+                           "mean_width": float(np.mean(upper - lower)), "by_age_group": {}}
+    groups = assign_age_group(y_true)
+    for low, high in AGE_GROUPS:
+        label = age_group_label(low, high)
+        mask = groups == label
+        out["by_age_group"][label] = (
+            {"n": int(mask.sum()), "coverage": float(inside[mask].mean()),
+             "mean_width": float(np.mean((upper - lower)[mask]))}
+            if mask.sum() >= 10 else {"n": int(mask.sum())})
+    return out
+
+
+def recalibration_report(y_true: np.ndarray, raw: np.ndarray, corrected: np.ndarray,
+                         lower: np.ndarray, upper: np.ndarray, calibration: dict[str, Any],
+                         tolerance_months: float = 12.0) -> dict[str, Any]:
+    """What the linear correction and the conformal interval (fitted elsewhere) do on
+    these images: MAE, tolerance accuracy, regression to the mean and bias per age
+    group before and after, and the interval's coverage."""
+    def summary(pred: np.ndarray) -> dict[str, Any]:
+        report = regression_report(y_true, pred, tolerance_months)
+        return {"mae": report["mae"], "tolerance_accuracy": report["tolerance_accuracy"],
+                "regression_to_mean": regression_to_mean(y_true, pred),
+                "bias_by_age_group": {g: r.get("bias") for g, r in report_by_age_group(
+                    y_true, pred, tolerance_months).items()}}
+
+    return {"fit": calibration, "before": summary(raw), "after": summary(corrected),
+            "interval": {"level": calibration["level"], "kind": calibration["interval"],
+                         **coverage_report(y_true, lower, upper)}}
+
+
 def full_report(y_true: np.ndarray, y_pred: np.ndarray, male: np.ndarray,
                 tolerance_months: float = 12.0) -> dict[str, Any]:
     """Everything ``evaluate`` writes to metrics.json: overall, by age group, by sex."""
@@ -105,6 +153,7 @@ def full_report(y_true: np.ndarray, y_pred: np.ndarray, male: np.ndarray,
     order = ("mae", "rmse", "r2", "bias", "tolerance_accuracy", "tolerance_months", "n")
     report: dict[str, Any] = {key: overall[key] for key in order}
     report["accuracy_at"] = accuracy_at(y_true, y_pred)
+    report["regression_to_mean"] = regression_to_mean(y_true, y_pred)
     report["by_age_group"] = report_by_age_group(y_true, y_pred, tolerance_months)
     report["by_sex"] = {
         name: (regression_report(y_true[mask], y_pred[mask], tolerance_months)

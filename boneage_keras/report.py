@@ -62,6 +62,25 @@ def _extras(metrics: dict[str, Any], tol: float) -> list[str]:
                          [[u["coverage"], u["mean_width"], u["mean_std"],
                            "-" if u["error_std_correlation"] is None
                            else u["error_std_correlation"]]])]
+    if "recalibration" in metrics:
+        r = metrics["recalibration"]
+        fit, iv = r["fit"], r["interval"]
+        parts += ["<h3>Recalibration (fitted on the validation split)</h3>",
+                  (f"<p>corrected = {fit['intercept']:.2f} + {fit['slope']:.3f} × predicted; "
+                   f"{iv['level']:.0%} interval: split-conformal ({iv['kind']}), half-width "
+                   f"{fit['half_width']:.2f}{' × std' if iv['kind'] == 'scaled' else ''} "
+                   f"months, fitted on {fit['n']} validation images.</p>"),
+                  _table(["", "MAE", f"±{tol:g} mo accuracy", "slope (pred on true)"]
+                         + [f"bias {g}" for g in r["before"]["bias_by_age_group"]],
+                         [[name, r[key]["mae"], r[key]["tolerance_accuracy"],
+                           r[key]["regression_to_mean"]["slope"],
+                           *[b if b is not None else "-"
+                             for b in r[key]["bias_by_age_group"].values()]]
+                          for name, key in (("before", "before"), ("after", "after"))]),
+                  _table(["interval", "coverage", "mean width (months)"],
+                         [["all", iv["coverage"], iv["mean_width"]]]
+                         + [[g, v.get("coverage", f"n={v['n']}"), v.get("mean_width", "-")]
+                            for g, v in iv["by_age_group"].items()])]
     return parts
 
 
@@ -80,6 +99,11 @@ def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[Path]
                       metrics["bias"], metrics["tolerance_accuracy"]]]),
              _table(["tolerance (months)", "accuracy"],
                     [[k, v] for k, v in metrics["accuracy_at"].items()]),
+             (f"<p>Regression to the mean: predicted = "
+              f"{metrics['regression_to_mean']['intercept']:.1f} + "
+              f"{metrics['regression_to_mean']['slope']:.3f} × true (1 would be none; "
+              "below 1, young ages come out too old and old ones too young).</p>"
+              if "regression_to_mean" in metrics else ""),
              "<h3>By age group</h3>",
              _table(["age group (months)", "n", "MAE", "bias", f"±{tol:g} mo accuracy"],
                     _group_rows(metrics["by_age_group"])),

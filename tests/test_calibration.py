@@ -1,0 +1,97 @@
+"""Regression to the mean and intervals that mean what they say: fitted on the
+validation split, scored on the test split, carried by predict and export."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import cli_here
+
+from boneage_keras.calibration import CalibrationError, apply_calibration, fit_calibration
+
+
+def _shrunk(rng, n, noise_scale=None):
+    truth = rng.uniform(0, 228, n)
+    std = rng.uniform(4, 20, n) if noise_scale else np.full(n, 10.0)
+    predicted = 120 + 0.7 * (truth - 120) + rng.normal(0, std)
+    return truth, predicted, std
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_conformal_intervals_cover_new_images(scaled):
+    rng = np.random.default_rng(0)
+    truth, predicted, std = _shrunk(rng, 1000, noise_scale=scaled)
+    cal = fit_calibration(truth, predicted, std if scaled else None)
+    assert cal["interval"] == ("scaled" if scaled else "absolute")
+    assert cal["slope"] == pytest.approx(1 / 0.7, rel=0.1)      # undoes the shrinkage
+    new_truth, new_predicted, new_std = _shrunk(rng, 20000, noise_scale=scaled)
+    corrected, lower, upper = apply_calibration(cal, new_predicted,
+                                                new_std if scaled else None)
+    inside = (new_truth >= lower) & (new_truth <= upper)
+    assert inside.mean() == pytest.approx(0.9, abs=0.03)
+    # the correction removes the bias at both ends of the age range
+    young, old = new_truth < 40, new_truth > 190
+    assert abs(np.mean(corrected[young] - new_truth[young])) < 5 < \
+        np.mean(new_predicted[young] - new_truth[young])
+    assert abs(np.mean(corrected[old] - new_truth[old])) < 5 < \
+        -np.mean(new_predicted[old] - new_truth[old])
+    if scaled:          # harder images get wider intervals
+        assert np.corrcoef(upper - lower, new_std)[0, 1] > 0.99
+    with pytest.raises(CalibrationError, match="at least 20 images"):
+        fit_calibration(truth[:5], predicted[:5])
+
+
+def test_evaluate_recalibrates_on_validation_and_scores_on_test(trained_run, tmp_path,
+                                                               bulk_dir):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png",
+                                                                   "report.html"))
+    proc = cli_here(["evaluate", run, "--recalibrate", "--out", tmp_path / "eval"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    split = pd.read_csv(run / "split.csv")
+    recal = metrics["recalibration"]
+    assert recal["fit"]["n"] == (split["split"] == "val").sum()     # fitted on val ...
+    assert metrics["n"] == (split["split"] == "test").sum()         # ... scored on test
+    before = recal["before"]["regression_to_mean"]["slope"]
+    after = recal["after"]["regression_to_mean"]["slope"]
+    assert before < 0.9 and abs(1 - after) < abs(1 - before)      # less pull to the mean
+    assert 0.82 <= recal["interval"]["coverage"] <= 0.97
+    assert metrics["regression_to_mean"]["slope"] == pytest.approx(after)
+    preds = pd.read_csv(tmp_path / "eval" / "predictions.csv", dtype={"id": str})
+    assert {"predicted_uncorrected", "lower90", "upper90"} <= set(preds.columns)
+    assert "recalibrated (fitted on validation)" in proc.stdout
+    assert "Recalibration (fitted on the validation split)" in \
+        (tmp_path / "eval" / "report.html").read_text()
+    saved = json.loads((run / "calibration.json").read_text())
+    assert saved["slope"] == pytest.approx(recal["fit"]["slope"])
+    # predict applies the stored calibration: the same corrected months
+    images = [str(bulk_dir / "images" / f"{i}.png") for i in preds["id"].head(5)]
+    out = cli_here(["predict", "--model", run, "--recalibrate", *images]).stdout
+    table = pd.read_csv(io.StringIO(out))
+    np.testing.assert_allclose(table["predicted"], preds["predicted"].head(5), atol=0.02)
+    np.testing.assert_allclose(table["upper90"] - table["lower90"],
+                               2 * saved["half_width"], atol=0.01)
+    # and the export carries it for deployment
+    cli_here(["export", run, "--format", "keras", "--format", "onnx", "--out",
+              tmp_path / "deploy"])
+    meta = json.loads((tmp_path / "deploy" / "model.json").read_text())
+    assert meta["calibration"]["slope"] == pytest.approx(saved["slope"])
+    out = cli_here(["predict", "--model", tmp_path / "deploy" / "model.onnx",
+                    "--recalibrate", *images]).stdout
+    np.testing.assert_allclose(pd.read_csv(io.StringIO(out))["predicted"],
+                               table["predicted"], atol=0.02)
+
+
+def test_recalibration_needs_a_test_split_and_a_fit(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png"))
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})
+    split.loc[split["split"] == "test", "split"] = "train"
+    split.to_csv(run / "split.csv", index=False)
+    proc = cli_here(["evaluate", run, "--recalibrate"], check=False)
+    assert proc.returncode == 2 and "has no test split" in proc.stderr
+    proc = cli_here(["predict", "--model", run, "--recalibrate", "x.png"], check=False)
+    assert proc.returncode == 2 and "no calibration stored" in proc.stderr

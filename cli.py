@@ -323,36 +323,46 @@ def bench(config_path, data_dir, overrides, images, steps, no_train) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", default="cpu-bench", show_default=True,
-              help="YAML config file or packaged recipe name.")
+@click.argument("variants", nargs=-1)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Labelled data to train on (as for train).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config value (repeatable), as for train.")
+              help="Override a config value of every variant (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               default="runs/benchmark", show_default=True,
-              help="Folder for the two runs and benchmark.json (rerun to continue).")
+              help="Folder for the runs, benchmark.json and report.html (rerun to "
+                   "continue).")
+@click.option("--resamples", type=click.IntRange(100), default=1000, show_default=True,
+              help="Paired bootstrap resamples for each comparison.")
 @_tta_option
-def benchmark(config_path, data_dir, overrides, out_dir, tta, mc_samples) -> None:
-    """Learning benchmark: validation MAE without/with sex input, with/without TTA."""
+def benchmark(variants, data_dir, overrides, out_dir, resamples, tta, mc_samples) -> None:
+    """Compare recipes: train each VARIANT on one split, evaluate all on its held-out
+    images, bootstrap each against the first.
+
+    A VARIANT is CONFIG (a file or recipe name) or NAME=CONFIG[,KEY=VALUE...]; without
+    any: cpu-bench without and with the sex input."""
     _setup_logging(True)
-    from boneage_keras.benchmark import learning_benchmark
+    from boneage_keras.benchmark import run_benchmark
 
     sets = list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else [])
-    result = learning_benchmark(config_path, sets, out_dir, tta=tta, mc_samples=mc_samples,
-                                verbose=1 if sys.stdout.isatty() else 2)
-    click.echo(f"validation: n={result['rows'][0]['n_val']}, predicting the training "
-               f"mean gives MAE {result['mean_baseline_mae']:.2f} months")
-    click.echo(f"{'variant':<18}{'MAE':>8}{f'MAE TTA{tta}':>11}{'acc+-12':>9}"
-               f"{'90% cover':>11}{'train s':>9}")
-    for row in result["rows"]:
-        cover = row.get("interval_coverage")
-        seconds = row["train_seconds"]
-        click.echo(f"{row['variant']:<18}{row['val_mae']:>8.2f}{row['val_mae_tta']:>11.2f}"
-                   f"{row['tolerance_accuracy_tta']:>9.3f}"
-                   f"{'-' if cover is None else f'{cover:.1%}':>11}"
-                   f"{'-' if seconds is None else f'{seconds:.0f}':>9}")
-    click.echo(f"wrote {out_dir}/benchmark.json")
+    result = run_benchmark(list(variants) or None, sets, out_dir, tta=tta,
+                           mc_samples=mc_samples, resamples=resamples,
+                           verbose=1 if sys.stdout.isatty() else 2)
+    click.echo(f"held out: {result['held_out_split']} split, n={result['n_held_out']}"
+               + (f" ({result['held_out_note']})" if result["held_out_note"] else "")
+               + f"; predicting the training mean gives MAE "
+               f"{result['mean_baseline_mae']:.2f} months")
+    click.echo(f"{'variant':<22}{'MAE':>7}{'RMSE':>7}{'R2':>7}{'acc+-12':>9}{'bias':>7}"
+               f"{'slope':>7}{'epochs':>7}{'min':>7}")
+    for r in result["rows"]:
+        minutes = "-" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
+        click.echo(f"{r['variant']:<22}{r['mae']:>7.2f}{r['rmse']:>7.2f}{r['r2']:>7.3f}"
+                   f"{r['tolerance_accuracy']:>9.3f}{r['bias']:>+7.2f}{r['slope']:>7.3f}"
+                   f"{r['epochs']:>7}{minutes:>7}")
+    for c in result["comparisons"]:
+        click.echo(f"{c['b']} - {c['a']}: MAE {c['difference']:+.2f} months, 95% CI "
+                   f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] (n={c['n']})")
+    click.echo(f"wrote {out_dir}/benchmark.json and report.html")
 
 
 @cli.command()

@@ -1,17 +1,25 @@
-"""The learning benchmark: train a config without and with the sex input, evaluate both
-(and their two-model ensemble) on the shared validation split with and without TTA, and
-report the figures side by side.
+"""The experiment runner: train several recipes on one split, evaluate them on the same
+held-out images, and compare them side by side.
 
-    >>> result = learning_benchmark("configs/cpu-bench.yaml", ["data.data_dir=DIR"], "bench")
-    >>> result["rows"]     # one dict per variant: val MAE with/without TTA, +-12 accuracy
+    >>> result = run_benchmark(["resnet18-baseline", "resnet18-improved"],
+    ...                        ["data.data_dir=DIR", "train.epochs=3"], "runs/study2")
+    >>> result["rows"]          # one per variant: MAE, RMSE, R2, +-12 accuracy, bias, min
+    >>> result["comparisons"]   # paired bootstrap of each variant against the first
 
-Both variants use the same config, seed and therefore the same split, so the ensemble's
-validation images were held out by both. An interrupted benchmark is continued by
-running the same command again: finished variants are reused, a half-trained one resumes.
+A variant is ``CONFIG`` (a file or packaged recipe; named after it) or
+``NAME=CONFIG[,KEY=VALUE...]`` with its own overrides on top of the shared ones. Every
+variant trains on the first variant's split (so their held-out images are the same);
+all are evaluated on its test split, or on validation (said to be optimistic) when it
+has none. Running the same command again continues: finished runs and evaluations are
+reused, a half-trained run is resumed. Writes ``benchmark.json`` and ``report.html``
+(the table, the comparisons and the learning curves overlaid).
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,72 +27,125 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import load_config
+from .compare import compare_predictions
+from .config import ConfigError, load_config, parse_override
 from .evaluate import evaluate_run
-from .files import write_json
-from .train import read_state, resume, train
+from .files import check_output_dir, write_json
+from .train import read_state, resume, run_complete, train
 
-VARIANTS = (("image", False), ("image+sex", True))
-
-
-def _trained(run_dir: Path) -> bool:
-    state = read_state(run_dir)
-    return state is not None and (state["finished"] or state["stopped_early"])
+log = logging.getLogger(__name__)
+DEFAULT_VARIANTS = ("image=cpu-bench", "image+sex=cpu-bench,model.use_sex=true")
 
 
-def _train_variant(config_path: str | Path, overrides: list[str], out_dir: Path,
-                   name: str, use_sex: bool, verbose: Any) -> tuple[Path, float | None]:
-    run_dir = out_dir / name
-    if _trained(run_dir):
-        return run_dir, None
-    start = time.perf_counter()
-    if (run_dir / "config.yaml").is_file():
-        resume(run_dir, verbose=verbose)
-    else:
-        cfg = load_config(config_path, [*overrides, f"model.use_sex={str(use_sex).lower()}",
-                                        f"train.output_dir={out_dir}",
-                                        f"train.run_name={name}"])
-        train(cfg, verbose=verbose)
-    return run_dir, time.perf_counter() - start
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``NAME=CONFIG,KEY=VALUE,...`` or ``CONFIG`` -> (name, config, overrides)."""
+    head, *overrides = [part.strip() for part in text.split(",")]
+    name, _, config = head.partition("=") if "=" in head else ("", "", head)
+    if not config:
+        raise ConfigError(f"variant {text!r}: expected NAME=CONFIG[,KEY=VALUE...] or "
+                          "CONFIG (a file or a packaged recipe name).")
+    for override in overrides:
+        parse_override(override)          # a clear error now, not after hours
+    name = name or Path(config).name.removesuffix(".yaml")
+    if not name.replace("+", "").replace("-", "").replace("_", "").replace(".", "") \
+            .isalnum():
+        raise ConfigError(f"variant name {name!r}: use letters, digits, + - _ . only (it "
+                          "names the run folder).")
+    return name, config, overrides
 
 
-def _row(name: str, metrics: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+def _minutes(run_dir: Path) -> float | None:
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        started = datetime.datetime.fromisoformat(info["started"])
+        ended = datetime.datetime.fromisoformat(info["ended"])
+    except (OSError, KeyError, ValueError):
+        return None
+    return (ended - started).total_seconds() / 60
+
+
+def _row(name: str, metrics: dict[str, Any], minutes: float | None,
+         epochs: int) -> dict[str, Any]:
     tta = metrics.get("tta", {})
-    row = {"variant": name, "n_val": metrics["n"],
-           "val_mae": tta.get("mae_without_tta", metrics["mae"]),
-           "val_mae_tta": tta.get("mae", metrics["mae"]),
-           "tolerance_accuracy_tta": metrics["tolerance_accuracy"],
-           "train_seconds": None if seconds is None else round(seconds, 1)}
+    row = {"variant": name, "n": metrics["n"], "mae": metrics["mae"],
+           "rmse": metrics["rmse"], "r2": metrics["r2"],
+           "tolerance_accuracy": metrics["tolerance_accuracy"], "bias": metrics["bias"],
+           "slope": metrics["regression_to_mean"]["slope"],
+           "mae_without_tta": tta.get("mae_without_tta"),
+           "epochs": epochs, "train_minutes": None if minutes is None else round(minutes, 1)}
     if "uncertainty" in metrics:
-        u = metrics["uncertainty"]
-        row.update(interval_coverage=u["coverage"], interval_width=u["mean_width"],
-                   interval_verdict=u["verdict"])
+        row["interval_coverage"] = metrics["uncertainty"]["coverage"]
     return row
 
 
-def learning_benchmark(config_path: str | Path, overrides: list[str], out_dir: str | Path,
-                       tta: int = 4, mc_samples: int = 0, verbose: Any = 2) -> dict[str, Any]:
-    """Train both variants (or reuse them), evaluate on validation, write benchmark.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, runs = [], []
-    for name, use_sex in VARIANTS:
-        run_dir, seconds = _train_variant(config_path, overrides, out_dir, name, use_sex,
-                                          verbose)
+def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str | Path,
+                  tta: int = 1, mc_samples: int = 0, resamples: int = 1000,
+                  verbose: Any = 2) -> dict[str, Any]:
+    """Train (or reuse) every variant, evaluate all on the same held-out split, compare
+    each with the first; writes benchmark.json and report.html into ``out_dir``."""
+    out_dir = check_output_dir(out_dir, "--out")
+    parsed = [parse_variant(v) for v in (variants or DEFAULT_VARIANTS)]
+    names = [name for name, _, _ in parsed]
+    if len(set(names)) != len(names):
+        raise ConfigError("variant names must differ: " + ", ".join(names) + " (name them "
+                          "NAME=CONFIG).")
+    for _, config, extra in parsed:       # every config is valid before hours of work
+        load_config(config, [*overrides, *extra])
+    runs: list[Path] = []
+    shared_split: pd.DataFrame | None = None
+    rows, evaluations = [], []
+    for k, (name, config, extra) in enumerate(parsed, start=1):
+        run_dir = out_dir / name
+        log.info("variant %d/%d '%s' (%s%s)", k, len(parsed), name, config,
+                 "; " + ", ".join(extra) if extra else "")
+        if (run_dir / "config.yaml").is_file():
+            if not run_complete(read_state(run_dir)):
+                log.info("'%s': resuming its half-trained run", name)
+                resume(run_dir, verbose=verbose)
+        else:
+            cfg = load_config(config, [*overrides, *extra, f"train.output_dir={out_dir}",
+                                       f"train.run_name={name}"])
+            start = time.perf_counter()
+            train(cfg, verbose=verbose, split=shared_split)
+            log.info("'%s' trained in %.1f minutes", name, (time.perf_counter() - start) / 60)
+        if shared_split is None:
+            shared_split = pd.read_csv(run_dir / "split.csv", dtype={"id": str})
         runs.append(run_dir)
-        result = evaluate_run(run_dir, "val", out_dir=run_dir / "eval-val", tta=tta,
-                              mc_samples=mc_samples)
-        rows.append(_row(name, result.metrics, seconds))
-    ensemble = evaluate_run(runs, "val", out_dir=out_dir / "eval-ensemble", tta=tta,
-                            mc_samples=mc_samples)
-    rows.append(_row("ensemble of both", ensemble.metrics, None))
-    cfg = load_config(runs[0] / "config.yaml")
-    split = pd.read_csv(runs[0] / "split.csv")
-    train_mean = split.loc[split["split"] == "train", "boneage"].mean()
-    val = split.loc[split["split"] == "val", "boneage"].to_numpy()
-    summary = {"mean_baseline_mae": float(np.mean(np.abs(val - train_mean))),"config": str(config_path), "overrides": overrides, "tta_views": tta,
-               "mc_samples": mc_samples, "backbone": cfg.model.backbone,
-               "image_size": cfg.data.image_size, "epochs": cfg.train.epochs,
-               "max_images": cfg.data.max_images, "rows": rows}
+        eval_dir = run_dir / "eval"
+        if (eval_dir / "metrics.json").is_file():
+            metrics = json.loads((eval_dir / "metrics.json").read_text())
+        else:
+            metrics = evaluate_run(run_dir, "auto", out_dir=eval_dir, tta=tta,
+                                   mc_samples=mc_samples).metrics
+        history = pd.read_csv(run_dir / "history.csv")
+        rows.append(_row(name, metrics, _minutes(run_dir), len(history)))
+        evaluations.append(eval_dir)
+    comparisons = []
+    for name, eval_dir in zip(names[1:], evaluations[1:]):
+        result = compare_predictions(evaluations[0], eval_dir, resamples, seed=0)
+        comparisons.append({"a": names[0], "b": name, **result["overall"],
+                            "by_age_group": result["by_age_group"]})
+    split = shared_split["split"] if shared_split is not None else pd.Series(dtype=str)
+    held_out = "test" if (split == "test").any() else "val"
+    train_ages = shared_split.loc[split == "train", "boneage"]
+    held = shared_split.loc[split == held_out, "boneage"].to_numpy()
+    summary = {"variants": [{"name": n, "config": c, "overrides": e} for n, c, e in parsed],
+               "shared_overrides": overrides, "held_out_split": held_out,
+               "held_out_note": None if held_out == "test" else
+               "validation split, used for model selection: optimistic",
+               "n_held_out": len(held),
+               "mean_baseline_mae": float(np.mean(np.abs(held - train_ages.mean()))),
+               "tta_views": tta, "mc_samples": mc_samples, "rows": rows,
+               "comparisons": comparisons}
     write_json(out_dir / "benchmark.json", summary)
+    _report(out_dir, summary, runs)
     return summary
+
+
+def _report(out_dir: Path, summary: dict[str, Any], runs: list[Path]) -> Path:
+    from .plots import plot_learning_curves
+    from .report import write_benchmark_report
+
+    figure = plot_learning_curves({run.name: run / "history.csv" for run in runs},
+                                  out_dir / "learning_curves.png")
+    return write_benchmark_report(out_dir, summary, [figure])

@@ -33,6 +33,23 @@ def plot_curves(history_csv: str | Path, out_png: str | Path) -> Path:
     return _save(fig, out_png)
 
 
+def plot_learning_curves(histories: dict[str, Path], out_png: str | Path) -> Path:
+    """Validation MAE and tolerance accuracy per epoch, one line per run (benchmark)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, csv in histories.items():
+        history = pd.read_csv(csv)
+        epochs = history["epoch"] + 1
+        axes[0].plot(epochs, history["val_mae"], marker="o", label=name)
+        axes[1].plot(epochs, history["val_tolerance_accuracy"], marker="o", label=name)
+    for ax, title in zip(axes, ("Validation MAE (months)", "Validation ±12-month accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Learning curves")
+    return _save(fig, out_png)
+
+
 def plot_scatter(y_true, y_pred, out_png, title: str = "Predicted vs true bone age") -> Path:
     """Predicted vs true with the identity line and the ±12-month band."""
     import numpy as np

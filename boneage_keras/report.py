@@ -84,6 +84,36 @@ def _extras(metrics: dict[str, Any], tol: float) -> list[str]:
     return parts
 
 
+def write_benchmark_report(out_dir: Path, summary: dict[str, Any],
+                           figures: Sequence[Path]) -> Path:
+    """``report.html`` of a benchmark: the table, the paired comparisons, the curves."""
+    note = summary.get("held_out_note")
+    rows = [[r["variant"], r["n"], r["mae"], r["rmse"], r["r2"], r["tolerance_accuracy"],
+             r["bias"], r["slope"], r["epochs"], "-" if r["train_minutes"] is None
+             else r["train_minutes"]] for r in summary["rows"]]
+    comparisons = [[f"{c['b']} - {c['a']}", c["n"], c["difference"],
+                    f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}]", c["fraction_b_worse"]]
+                   for c in summary["comparisons"]]
+    parts = ["<h1>Benchmark</h1>",
+             f"<p>Held out: the {html.escape(summary['held_out_split'])} split, "
+             f"{summary['n_held_out']} images; predicting the training mean gives MAE "
+             f"{summary['mean_baseline_mae']:.2f} months."
+             + (f" <b>{html.escape(note)}</b>" if note else "") + "</p>",
+             _table(["variant", "n", "MAE", "RMSE", "R²", "±12 mo accuracy", "bias",
+                     "slope (pred on true)", "epochs", "minutes"], rows),
+             "<h2>Paired bootstrap against the first variant (MAE difference, months)</h2>",
+             _table(["B - A", "n", "difference", "95% CI", "fraction B worse"], comparisons)]
+    for figure in figures:
+        data = base64.b64encode(Path(figure).read_bytes()).decode("ascii")
+        parts.append(f'<img alt="{html.escape(Path(figure).stem)}" '
+                     f'src="data:image/png;base64,{data}">')
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Benchmark</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    path = out_dir / "report.html"
+    write_text(path, page)
+    return path
+
+
 def write_report(out_dir: Path, metrics: dict[str, Any], figures: Sequence[Path],
                  config_summary: dict[str, Any]) -> Path:
     """Write ``report.html`` into ``out_dir`` with every figure inlined as PNG data."""

@@ -172,6 +172,12 @@ def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
 # --- the run directory ------------------------------------------------------------
 
 
+def run_complete(state: dict[str, Any] | None) -> bool:
+    """Whether a run's state says it trained all it was to (or stopped early)."""
+    return state is not None and (state["finished"] or state["stopped_early"]
+                                  or state["epoch"] >= state["epochs_planned"])
+
+
 def read_state(run_dir: Path) -> dict[str, Any] | None:
     """The resumable state of a run (``backup/state.json``), or None before epoch 1."""
     import json
@@ -220,17 +226,21 @@ def make_split(cfg: Config) -> pd.DataFrame:
 
 def saved_split(cfg: Config, run_dir: Path) -> pd.DataFrame:
     """The run's own split.csv joined to the data's current paths."""
+    split_csv = run_dir / "split.csv"
+    merged = _join_split(cfg, pd.read_csv(split_csv, dtype={"id": str}), str(split_csv))
+    log.info("reusing split from %s", split_csv)
+    return merged
+
+
+def _join_split(cfg: Config, split: pd.DataFrame, source: str) -> pd.DataFrame:
     table, _, _ = load_dataset(cfg.data.data_dir, strict=cfg.data.strict,
                                age_range=cfg.data.age_range, cache_dir=cfg.data.cache_dir)
-    split_csv = run_dir / "split.csv"
-    saved = pd.read_csv(split_csv, dtype={"id": str})
-    merged = saved[["id", "split"]].merge(table, on="id", how="left")
+    merged = split[["id", "split"]].merge(table, on="id", how="left")
     missing = merged["path"].isna()
     if missing.any():
-        raise RunDirError(f"{split_csv}: {int(missing.sum())} id(s) no longer in the data "
-                          f"(e.g. {merged.loc[missing, 'id'].iloc[0]}); point --data-dir "
-                          "(--set data.data_dir=...) at the data this run was trained on.")
-    log.info("reusing split from %s", split_csv)
+        raise RunDirError(f"{source}: {int(missing.sum())} id(s) not in the data (e.g. "
+                          f"{merged.loc[missing, 'id'].iloc[0]}); point --data-dir "
+                          "(--set data.data_dir=...) at the data the split was made from.")
     return merged
 
 
@@ -377,14 +387,16 @@ class RunKeeper(keras.callbacks.Callback):
 # --- training ----------------------------------------------------------------------
 
 
-def train(cfg: Config, verbose: Any = "auto") -> TrainResult:
+def train(cfg: Config, verbose: Any = "auto",
+          split: pd.DataFrame | None = None) -> TrainResult:
     """Train ``cfg`` into a new run directory (``train.output_dir/run_name``).
 
     The data is read, cleaned and split before the folder is made, so bad data leaves
-    nothing behind; a folder left by a failed start is reused.
+    nothing behind; a folder left by a failed start is reused. ``split`` (``id``,
+    ``split``) imposes another run's split, so that runs compare on the same images.
     """
     cfg.data.data_dir = str(resolve_data_dir(cfg.data.data_dir).resolve())
-    split = make_split(cfg)
+    split = make_split(cfg) if split is None else _join_split(cfg, split, "the given split")
     run_dir = new_run_dir(cfg)
     write_text(run_dir / "config.yaml", config_to_yaml(cfg))
     write_csv(run_dir / "split.csv", split[["id", "boneage", "male", "split"]])
@@ -409,7 +421,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None,
     cfg = load_config(run_dir / "config.yaml", overrides)
     state = read_state(run_dir)
     done = state["epoch"] if state else 0
-    if state and (state["finished"] or state["stopped_early"]) and cfg.train.epochs <= done:
+    if run_complete(state) and cfg.train.epochs <= done:
         how = "stopped early" if state["stopped_early"] else "finished"
         raise RunDirError(f"{run_dir} has {how} after {done} epoch(s) (best epoch "
                           f"{(state['best_epoch'] or 0) + 1}); to train further, resume with "

@@ -1,46 +1,60 @@
-"""The learning benchmark (`cli.py benchmark`) end to end on real images, tiny: both
-variants are trained, evaluated with and without TTA, and reported side by side; a
-second call reuses the finished runs instead of training again."""
+"""`cli.py benchmark`, the experiment runner, end to end on real images (tiny runs):
+variants on one split, one table, paired bootstrap against the first, learning curves;
+rerun or extended, it continues where it stopped."""
 
 import json
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import cli_here
+
+SHARED = ["--set", "data.max_images=240", "--set", "data.image_size=32",
+          "--set", "data.resize=stretch", "--set", "data.test_fraction=0.25",
+          "--set", "model.backbone=resnet18", "--set", "model.weights=none",
+          "--set", "train.epochs=2", "--set", "train.batch_size=32",
+          "--set", "train.learning_rate=0.003", "--set", "augment.rotation_degrees=0",
+          "--set", "augment.translation=0", "--set", "augment.scale=null",
+          "--set", "augment.brightness=0", "--set", "augment.contrast=null"]
 
 
-def test_benchmark_reports_without_and_with_sex(tmp_path, bulk_dir):
-    args = ["benchmark", "--data-dir", str(bulk_dir), "--set", "data.max_images=160",
-            "--set", "data.image_size=32", "--set", "train.epochs=1", "--out",
-            str(tmp_path / "bench"), "--tta", "2"]
-    proc = run_cli(args)
-    result = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
-    rows = {row["variant"]: row for row in result["rows"]}
-    assert list(rows) == ["image", "image+sex", "ensemble of both"]
-    split = pd.read_csv(tmp_path / "bench" / "image" / "split.csv", dtype={"id": str})
-    assert (split.equals(pd.read_csv(tmp_path / "bench" / "image+sex" / "split.csv",
-                                     dtype={"id": str})))   # same validation images
-    for name in ("image", "image+sex"):
-        metrics = json.loads((tmp_path / "bench" / name / "eval-val" /
-                              "metrics.json").read_text())
-        preds = pd.read_csv(tmp_path / "bench" / name / "eval-val" / "predictions.csv")
-        truth = preds["boneage"]
-        assert rows[name]["val_mae_tta"] == pytest.approx(
-            (preds["predicted"] - truth).abs().mean(), abs=1e-6)
-        assert rows[name]["val_mae"] == pytest.approx(
-            (preds["predicted_no_tta"] - truth).abs().mean(), abs=1e-6)
-        assert metrics["n"] == len(preds)
-        assert rows[name]["n_val"] == (split["split"] == "val").sum() == 16
-        assert rows[name]["train_seconds"] > 0
-    config = (tmp_path / "bench" / "image+sex" / "config.yaml").read_text()
-    assert "use_sex: true" in config
-    assert "image+sex" in proc.stdout and "MAE TTA2" in proc.stdout
-    assert f"{rows['image']['val_mae']:.2f}" in proc.stdout
-    assert "step - loss:" in proc.stdout     # the training progress the rerun must not show
-    models = [tmp_path / "bench" / name / "best.keras" for name in ("image", "image+sex")]
-    written = [m.stat().st_mtime_ns for m in models]
-    again = run_cli(args)   # finished variants are reused, not retrained
-    assert "step - loss:" not in again.stdout + again.stderr
-    assert [m.stat().st_mtime_ns for m in models] == written
-    assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["rows"][0][
-        "train_seconds"] is None
+def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
+    out = tmp_path / "bench"
+    base = ["benchmark", "--data-dir", bulk_dir, *SHARED, "--out", out, "--resamples", "200"]
+    # interrupted after the first variant: only it exists
+    cli_here([*base, "plain=default"])
+    first = (out / "plain" / "best.keras").stat().st_mtime_ns
+    proc = cli_here([*base, "plain=default", "sex=default,model.use_sex=true,"
+                     "data.split=stratified"])
+    # the finished variant was reused, not retrained
+    assert (out / "plain" / "best.keras").stat().st_mtime_ns == first
+    assert "variant 1/2 'plain'" in proc.stderr and "'plain' trained in" not in proc.stderr
+    # both trained on the first variant's split (the second asked for another one)
+    splits = [pd.read_csv(out / name / "split.csv", dtype={"id": str})
+              for name in ("plain", "sex")]
+    assert splits[0].equals(splits[1]) and (splits[0]["split"] == "test").sum() == 60
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["held_out_split"] == "test" and result["n_held_out"] == 60
+    rows = {r["variant"]: r for r in result["rows"]}
+    for name in ("plain", "sex"):
+        preds = pd.read_csv(out / name / "eval" / "predictions.csv", dtype={"id": str})
+        assert set(preds["id"]) == set(splits[0].loc[splits[0]["split"] == "test", "id"])
+        assert rows[name]["mae"] == pytest.approx(
+            (preds["predicted"] - preds["boneage"]).abs().mean(), abs=1e-6)
+        assert rows[name]["epochs"] == 2 and rows[name]["train_minutes"] > 0
+    comparison = result["comparisons"][0]
+    assert (comparison["a"], comparison["b"], comparison["n"]) == ("plain", "sex", 60)
+    assert comparison["difference"] == pytest.approx(rows["sex"]["mae"] - rows["plain"]["mae"])
+    assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
+    assert "sex - plain: MAE" in proc.stdout and "held out: test split, n=60" in proc.stdout
+    page = (out / "report.html").read_text()
+    assert "Paired bootstrap" in page and page.count("data:image/png;base64,") == 1
+    # a third call trains nothing
+    again = cli_here([*base, "plain=default", "sex=default,model.use_sex=true"])
+    assert "trained in" not in again.stderr
+
+
+def test_bad_variants_are_clear(tmp_path):
+    proc = cli_here(["benchmark", "x=default,train.epochz=2", "--out", tmp_path], check=False)
+    assert proc.returncode == 2 and "unknown key 'train.epochz'" in proc.stderr
+    proc = cli_here(["benchmark", "a=default", "a=cpu-bench", "--out", tmp_path], check=False)
+    assert proc.returncode == 2 and "variant names must differ" in proc.stderr

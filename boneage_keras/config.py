@@ -79,6 +79,7 @@ class ModelConfig:
     head_units: int = 256  # 0: linear head Dense(1)
     dropout: float = 0.3
     use_sex: bool = False
+    standardize: bool = False  # each image to the same mean and spread, in the model
 
 
 @dataclass

@@ -86,7 +86,9 @@ def _metadata(model_path: Path, run_dir: Path | None, formats: list[str]) -> dic
         "input_size": pre["image_size"], "channels": 1, "use_sex": pre["use_sex"],
         "preprocessing": {"resize": pre["resize"], "center_crop": pre["crop"],
                           "pixel_range": [0, 255],
-                          "normalisation": model.get_layer("preprocess").mode},
+                          "normalisation": model.get_layer("preprocess").mode,
+                          "per_image_standardization": model.get_layer(
+                              "preprocess").standardize},
         "backbone": next((layer.name for layer in model.layers
                           if hasattr(layer, "layers") and layer.name != model.name), None),
     }

@@ -52,14 +52,20 @@ class GrayPreprocess(layers.Layer):
     """
 
     def __init__(self, mode: str = "caffe", image_size: int = 224, resize: str = "pad",
-                 crop: bool = False, **kwargs: Any) -> None:
+                 crop: bool = False, standardize: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mode not in ("caffe", "tf", "torch", "raw"):
             raise ValueError(f"unknown preprocessing mode {mode!r}")
         self.mode, self.image_size, self.resize, self.crop = mode, image_size, resize, crop
+        self.standardize = standardize
 
     def call(self, images):
         x = ops.cast(images, self.compute_dtype)
+        if self.standardize:
+            # each image to mean 128, std 64: scans differ widely in exposure
+            mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+            std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+            x = ops.clip((x - mean) / (std + 1.0) * 64.0 + 128.0, 0.0, 255.0)
         x = ops.concatenate([x, x, x], axis=-1)
         if self.mode == "caffe":
             return x - ops.convert_to_tensor(IMAGENET_MEAN_BGR, dtype=self.compute_dtype)
@@ -76,7 +82,7 @@ class GrayPreprocess(layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "mode": self.mode, "image_size": self.image_size,
-                "resize": self.resize, "crop": self.crop}
+                "resize": self.resize, "crop": self.crop, "standardize": self.standardize}
 
 
 @keras.saving.register_keras_serializable(package="boneage_keras")
@@ -187,7 +193,8 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     size = d.image_size
     _, mode = BACKBONE_SPECS.get(m.backbone, (None, "caffe"))
     image = keras.Input((size, size, 1), name="image")
-    x = GrayPreprocess(mode, size, d.resize, cfg.augment.random_crop, name="preprocess")(image)
+    x = GrayPreprocess(mode, size, d.resize, cfg.augment.random_crop, m.standardize,
+                       name="preprocess")(image)
     x = build_backbone(m.backbone, size, m.weights)(x)
     inputs: Any = image
     if m.use_sex:

@@ -37,9 +37,23 @@ log = logging.getLogger(__name__)
 DEFAULT_VARIANTS = ("image=cpu-bench", "image+sex=cpu-bench,model.use_sex=true")
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: ``a=1,scale=[0.9,1.1]`` -> two parts."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
-    """``NAME=CONFIG,KEY=VALUE,...`` or ``CONFIG`` -> (name, config, overrides)."""
-    head, *overrides = [part.strip() for part in text.split(",")]
+    """``NAME=CONFIG,KEY=VALUE,...`` or ``CONFIG`` -> (name, config, overrides); a value
+    may be a list in brackets (``augment.scale=[0.9,1.1]``)."""
+    head, *overrides = _split_top_level(text)
     name, _, config = head.partition("=") if "=" in head else ("", "", head)
     if not config:
         raise ConfigError(f"variant {text!r}: expected NAME=CONFIG[,KEY=VALUE...] or "

@@ -288,13 +288,17 @@ def compare(a, b, resamples, seed, out_json) -> None:
               help="Cached side length; serves any image_size up to it.")
 @click.option("--resize", type=click.Choice(["pad", "stretch"]), default="pad",
               show_default=True)
+@click.option("--crop-hand", is_flag=True,
+              help="Crop to the hand first (for runs with data.crop_hand: true).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where to write it (default: DATA_DIR/.boneage-cache).")
-def prepare(data_dir, size, resize, cache_dir) -> None:
+def prepare(data_dir, size, resize, crop_hand, cache_dir) -> None:
     """Decode every image once into a uint8 cache that train/evaluate read."""
     _setup_logging(True)
     from boneage_keras.cache import prepare_cache
 
+    if crop_hand:
+        resize = f"hand+{resize}"
     meta = prepare_cache(data_dir, size, resize, cache_dir)
     click.echo(f"cache ready: {meta['rows']} images at {size} px ({resize})")
 

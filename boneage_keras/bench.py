@@ -20,7 +20,7 @@ import pandas as pd
 
 from .backend import gpu_available, mixed_precision_policy
 from .cache import find_cache
-from .config import Config
+from .config import Config, geometry
 from .data import load_dataset
 from .images import load_image
 from .model import build_model
@@ -171,7 +171,7 @@ def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
     if pipelines and data_dir:
         table = _repeat_table(load_dataset(data_dir, check_images=False)[0], images)
         result["images"] = len(table)
-        cache = find_cache(table, data_dir, cfg.data.image_size, cfg.data.resize,
+        cache = find_cache(table, data_dir, cfg.data.image_size, geometry(cfg.data),
                            cfg.data.cache_dir)
         sources = {"originals": load_image}
         if cache is not None:
@@ -190,7 +190,7 @@ def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
         # decoding the originals one image at a time, no pipeline: the reference
         start = time.perf_counter()
         for path in table["path"].head(min(len(table), 60)):
-            load_image(path, cfg.data.image_size, cfg.data.resize)
+            load_image(path, cfg.data.image_size, geometry(cfg.data))
         result["decode_per_image_images_per_s"] = round(
             min(len(table), 60) / (time.perf_counter() - start), 1)
     if training:

@@ -40,6 +40,7 @@ class DataConfig:
     data_dir: str | None = None  # None: ./data/rsna-bone-age, else kagglehub download
     image_size: int = 224
     resize: Literal["pad", "stretch"] = "pad"
+    crop_hand: bool = False  # crop to the hand (threshold + largest region) before resize
     split: Literal["random", "stratified"] = "random"
     val_fraction: float = 0.1
     test_fraction: float = 0.0
@@ -116,6 +117,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def geometry(data: DataConfig) -> str:
+    """How images are brought to a square: ``pad`` or ``stretch``, after cropping to the
+    hand (``hand+pad``, ``hand+stretch``) with ``data.crop_hand``. Readers, caches and
+    the model's preprocessing record this one string."""
+    return f"hand+{data.resize}" if data.crop_hand else data.resize
 
 
 _SECTION_CLASSES = {

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .cache import reader_for
 from .calibration import apply_calibration, fit_calibration
-from .config import load_config
+from .config import geometry, load_config
 from .data import DataError, load_dataset
 from .files import check_output_dir, write_csv, write_json
 from .images import load_image
@@ -280,7 +280,7 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
         fit = predict_images(members, val["path"].tolist(), val["male"].to_numpy(),
                              tta=tta, mc_samples=mc_samples,
                              reader=reader_for(val, cached_data, cfg.data.image_size,
-                                               cfg.data.resize, cache_dir))
+                                               geometry(cfg.data), cache_dir))
         calibration = fit_calibration(val["boneage"].to_numpy(), fit.predicted, fit.std)
         calibration.update(tta=tta, mc_samples=mc_samples, members=len(models))
         write_json(first / "calibration.json", calibration)

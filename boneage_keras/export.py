@@ -191,6 +191,16 @@ def export_model(source: str | Path, formats: Iterable[str], out_dir: str | Path
                           "folder.") from None
     try:
         meta = _metadata(model_path, run_dir, wanted)
+        if "savedmodel" in wanted and meta["preprocessing"]["resize"].startswith("hand+"):
+            reason = ("this model crops each radiograph to the hand (data.crop_hand), which "
+                      "the SavedModel's raw-image signature cannot do in the graph; export "
+                      "--format keras or onnx (they take the prepared image, as `predict` "
+                      "makes it)")
+            if "all" not in requested:
+                raise ExportError(reason + ".")
+            wanted.remove("savedmodel")
+            skipped["savedmodel"] = reason
+            meta["formats"] = wanted
         meta["written_by"] = EXPORT_MARK
         if skipped:
             meta["skipped"] = skipped
@@ -298,6 +308,7 @@ def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
     pre = preprocessing_of(model)
     size, use_sex = pre["image_size"], pre["use_sex"]
     side = decode_size(size, pre["crop"])
+
 
     def prepare(images):
         x = tf.cast(images, tf.float32)

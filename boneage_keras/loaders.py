@@ -41,7 +41,7 @@ from .augment import (
     resolve_engine,
 )
 from .backend import importable, tensorflow_for_input
-from .config import Config, ConfigError
+from .config import Config, ConfigError, geometry
 from .images import ImageError, decode_size, load_image
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     if augmenter is not None and augmenter.tf_function is None:
         raise ConfigError("config key 'augment.engine': tf.data needs the keras-cv engine "
                           "(set augment.engine=keras-cv, or data.loader=pydataset).")
-    size, resize, crop = cfg.data.image_size, cfg.data.resize, cfg.augment.random_crop
+    size, resize, crop = cfg.data.image_size, geometry(cfg.data), cfg.augment.random_crop
     random_crop = training and crop
     side = decode_size(size, crop) if random_crop else size
     paths, male, labels = _columns(df)
@@ -222,7 +222,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
         bs = self.cfg.train.batch_size
         idx = self.order[index * bs:(index + 1) * bs]
         d = self.cfg.data
-        decoded = [self.reader(self.paths[i], d.image_size, d.resize,
+        decoded = [self.reader(self.paths[i], d.image_size, geometry(d),
                                self.cfg.augment.random_crop, center=not self.random_crop)
                    for i in idx]
         idx = np.array([i for i, image in zip(idx, decoded) if image is not None], int)

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from .config import Config
+from .config import Config, geometry
 from .errors import BoneAgeError
 
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -193,7 +193,7 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     size = d.image_size
     _, mode = BACKBONE_SPECS.get(m.backbone, (None, "caffe"))
     image = keras.Input((size, size, 1), name="image")
-    x = GrayPreprocess(mode, size, d.resize, cfg.augment.random_crop, m.standardize,
+    x = GrayPreprocess(mode, size, geometry(d), cfg.augment.random_crop, m.standardize,
                        name="preprocess")(image)
     x = build_backbone(m.backbone, size, m.weights)(x)
     inputs: Any = image

@@ -41,7 +41,14 @@ import pandas as pd
 from . import __version__
 from .backend import devices, gpu_available, mixed_precision_policy
 from .cache import reader_for
-from .config import Config, ConfigError, config_to_yaml, load_config, parse_override
+from .config import (
+    Config,
+    ConfigError,
+    config_to_yaml,
+    geometry,
+    load_config,
+    parse_override,
+)
 from .console import native_stderr_silenced
 from .data import load_dataset, resolve_data_dir, split_table, subsample
 from .errors import BoneAgeError
@@ -247,7 +254,8 @@ def _join_split(cfg: Config, split: pd.DataFrame, source: str) -> pd.DataFrame:
 def image_reader(cfg: Config, table: pd.DataFrame) -> Callable[..., np.ndarray]:
     """A prepared cache's reader when one fits the config, else decoding the files."""
     d = cfg.data
-    return reader_for(table, d.data_dir, d.image_size, d.resize, d.cache_dir, d.use_cache)
+    return reader_for(table, d.data_dir, d.image_size, geometry(d), d.cache_dir,
+                      d.use_cache)
 
 
 def _git_commit() -> str | None:

@@ -23,8 +23,8 @@ def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
     # interrupted after the first variant: only it exists
     cli_here([*base, "plain=default"])
     first = (out / "plain" / "best.keras").stat().st_mtime_ns
-    proc = cli_here([*base, "plain=default", "sex=default,model.use_sex=true,"
-                     "data.split=stratified"])
+    sex = "sex=default,model.use_sex=true,data.split=stratified"
+    proc = cli_here([*base, "plain=default", sex])
     # the finished variant was reused, not retrained
     assert (out / "plain" / "best.keras").stat().st_mtime_ns == first
     assert "variant 1/2 'plain'" in proc.stderr and "'plain' trained in" not in proc.stderr

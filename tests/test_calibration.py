@@ -10,7 +10,11 @@ import pandas as pd
 import pytest
 from conftest import cli_here
 
-from boneage_keras.calibration import CalibrationError, apply_calibration, fit_calibration
+from boneage_keras.calibration import (
+    CalibrationError,
+    apply_calibration,
+    fit_calibration,
+)
 
 
 def _shrunk(rng, n, noise_scale=None):

@@ -192,3 +192,43 @@ def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path, monkeypat
     assert "exported keras" in proc.stdout
     assert (tmp_path / "deploy" / "model.keras").stat().st_mtime_ns != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy", "mine", "notes.txt"]
+
+
+def test_damaged_exports_are_clear_errors(exported, tmp_path, sample_dir):
+    """A corrupt .onnx, a corrupt saved_model.pb and a model.json from another export
+    each stop predict with one line naming the file, never a traceback."""
+    import shutil
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(exported / "deploy", deploy)
+    image = str(sample_dir / "images" / "1437.png")
+    sex = ["--sex", "M"]
+    meta = json.loads((deploy / "model.json").read_text())
+    meta["input_size"] = 96                                  # as if from another export
+    (deploy / "model.json").write_text(json.dumps(meta))
+    proc = cli_here(["predict", "--model", deploy / "model.onnx", *sex, image], check=False)
+    assert proc.returncode == 2 and "says input_size 96" in proc.stderr
+    (deploy / "model.onnx").write_bytes(b"\x08\x07garbage" * 50)
+    proc = cli_here(["predict", "--model", deploy / "model.onnx", *sex, image], check=False)
+    assert proc.returncode == 2 and "is not a readable ONNX model" in proc.stderr
+    (deploy / "savedmodel" / "saved_model.pb").write_bytes(b"\x00\x01broken")
+    proc = cli_here(["predict", "--model", deploy / "savedmodel", *sex, image], check=False)
+    assert proc.returncode == 2 and "cannot be loaded as a SavedModel" in proc.stderr
+
+
+def test_unwritable_outputs_are_refused_before_any_work(exported, tmp_path, sample_dir):
+    """An output folder that cannot be made (its parent is a file: even root cannot
+    write there) is refused up front, with the flag named."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    model = exported / "deploy" / "model.keras"
+    for command in (["evaluate", "--model", model, "--data-dir", sample_dir,
+                     "--out", blocker / "eval"],
+                    ["explain", model, sample_dir / "images" / "1437.png", "--sex", "M",
+                     "--out", blocker / "cams"],
+                    ["export", exported / "run", "--format", "keras",
+                     "--out", blocker / "deploy"]):
+        proc = cli_here(command, check=False)
+        assert proc.returncode == 2, (command[0], proc.stderr)
+        assert "--out" in proc.stderr and "Traceback" not in proc.stderr, command[0]
+    assert blocker.read_text() == "a file"

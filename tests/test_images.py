@@ -54,3 +54,27 @@ def test_real_full_size_radiograph(sample_dir):
     small = load_image(sample_dir / "images" / "1437.png", 128)
     assert small.shape == (128, 128, 1)
     assert small[:, :4].max() == 0 and small[:, -4:].max() == 0   # padded sides
+
+
+def test_crop_to_hand_finds_the_hand_on_real_radiographs(sample_dir):
+    """A real radiograph placed off-centre on a larger black film: the crop is the
+    radiograph's hand region (plus the margin), wherever it lies."""
+    from boneage_keras.images import crop_to_hand, resize_gray
+
+    for image_id in ("1437", "1472", "4360"):
+        gray = read_gray(sample_dir / "images" / f"{image_id}.png")
+        canvas = np.zeros((gray.shape[0] * 2, gray.shape[1] * 3), np.uint8)
+        canvas[300:300 + gray.shape[0], 2000:2000 + gray.shape[1]] = gray
+        placed = crop_to_hand(canvas)
+        rows, cols = np.nonzero(gray > 20)
+        hand_area = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+        # the crop keeps (almost) all of the hand and little else
+        assert placed.astype(np.int64).sum() >= 0.97 * canvas.astype(np.int64).sum()
+        assert placed.size <= 1.35 * hand_area and placed.size < 0.2 * canvas.size
+        square = resize_gray(canvas, 64, "hand+pad")
+        assert square.shape == (64, 64) and square.mean() > 2 * resize_gray(
+            canvas, 64, "pad").mean()
+    blank = np.zeros((100, 80), np.uint8)
+    assert crop_to_hand(blank).shape == blank.shape          # nothing found: unchanged
+    with pytest.raises(ValueError, match="hand\\+pad"):
+        resize_gray(blank, 32, "zoom")

@@ -84,6 +84,44 @@ def run_cli(args: list[str], backend: str = "torch", timeout: int = 600,
     return proc
 
 
+_BATCH_DRIVER = """
+import json, sys, traceback
+from click.testing import CliRunner
+import cli
+results = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(cli.cli, args, catch_exceptions=True)
+    error = None
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        error = "".join(traceback.format_exception(r.exception))
+    results.append({"returncode": r.exit_code, "stdout": r.stdout, "stderr": r.stderr,
+                    "error": error})
+print("@@BATCH@@" + json.dumps(results))
+"""
+
+
+def run_cli_batch(commands: list[list[Any]], backend: str = "torch", tensorflow: bool = True,
+                  timeout: int = 900) -> list[subprocess.CompletedProcess]:
+    """Run several CLI commands one after another in ONE fresh process on ``backend``
+    (one interpreter and Keras start-up instead of one each). Each result has
+    ``.returncode``, ``.stdout`` and ``.stderr``; a command's traceback fails loudly.
+    Commands expected to fail are checked by the caller (returncode kept)."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", _BATCH_DRIVER,
+                           json.dumps([[str(a) for a in c] for c in commands])],
+                          cwd=REPO, env=backend_env(backend, tensorflow), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    marked = [line for line in proc.stdout.splitlines() if line.startswith("@@BATCH@@")]
+    assert proc.returncode == 0 and marked, proc.stderr[-5000:]
+    results = []
+    for command, r in zip(commands, json.loads(marked[-1][len("@@BATCH@@"):])):
+        assert r["error"] is None, f"cli.py {command[0]} raised:\n{r['error']}"
+        results.append(subprocess.CompletedProcess(command, r["returncode"], r["stdout"],
+                                                   r["stderr"]))
+    return results
+
+
 def cli_here(args: list[str], check: bool = True) -> Any:
     """Run the CLI in this process (fast: no interpreter or Keras start-up), for error
     paths and small commands on the torch backend. ``.returncode``, ``.stdout``,
@@ -109,6 +147,30 @@ def run_python(code: str, backend: str = "torch", tensorflow: bool = True,
                           text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
+
+
+SMALL_TRAIN = ["--set", "data.max_images=96", "--set", "data.image_size=64",
+               "--set", "model.backbone=resnet18", "--set", "model.weights=none",
+               "--set", "train.epochs=2", "--set", "train.batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def backend_runs(tmp_path_factory, bulk_dir) -> tuple[Path, dict[str, str]]:
+    """One small run per backend (ResNet18, 64 px, 2 epochs, the study's augmentation):
+    torch (image only) and JAX (with the sex input) where TensorFlow cannot be imported,
+    TensorFlow (with the sex input, on the PyDataset loader: TensorFlow with tf.data
+    trains in test_train) where it can. ``(folder, {backend: train's log})``;
+    the runs are ``folder/<backend>``. Shared by test_backends and test_export."""
+    out = tmp_path_factory.mktemp("backends")
+    logs = {}
+    for backend, sex in (("torch", False), ("jax", True), ("tensorflow", True)):
+        proc = run_cli(["train", "--data-dir", str(bulk_dir), *SMALL_TRAIN,
+                        "--set", f"model.use_sex={str(sex).lower()}",
+                        "--set", "data.loader=pydataset",
+                        "--set", f"train.output_dir={out}", "--set", f"train.run_name={backend}"],
+                       backend=backend, tensorflow=backend == "tensorflow")
+        logs[backend] = proc.stderr
+    return out, logs
 
 
 @pytest.fixture(scope="session")

@@ -66,12 +66,14 @@ def test_geometric_stages_move_pixels(batch, engine, stage):
 def test_blur_smooths(batch, engine):
     augmenter = build_augmenter(AugmentConfig(**{**OFF, "blur_probability": 1.0}), SIZE,
                                 seed=1, engine=engine)
-    sharp = lambda a: np.abs(np.diff(a, axis=1)).mean()
+    sharp = lambda a: np.abs(np.diff(a, axis=1)).mean(axis=(1, 2, 3))   # per image
     # sigma is drawn from 0.1-1.5 (per image on keras-cv, per batch on Keras): over
-    # four batches, never sharper, and clearly blurred at least once
-    ratios = [sharp(augmenter.augment_batch(batch[:16], 0, k)) / sharp(batch[:16])
-              for k in range(4)]
-    assert max(ratios) <= 1.001 and min(ratios) < 0.85, ratios
+    # four batches, never sharper on average, and some images clearly blurred (measured:
+    # the sharpest drop is to 0.55-0.66 of the original on both engines)
+    before = sharp(batch[:16])
+    after = np.stack([sharp(augmenter.augment_batch(batch[:16], 0, k)) for k in range(4)])
+    assert (after.mean(axis=1) <= 1.001 * before.mean()).all(), after.mean(axis=1)
+    assert (after / before).min() < 0.75, (after / before).round(3)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -1,6 +1,6 @@
 """Every Keras backend, with and without TensorFlow, on real images.
 
-torch and JAX train, evaluate, predict, explain, bench and export in processes that
+torch and JAX train (conftest's ``backend_runs``), evaluate, predict, explain, bench and export in processes that
 cannot import TensorFlow (tests/hide_modules); a ``.keras`` file trained on any of the
 three backends predicts the same on the other two; tf.data used for input only never
 takes the GPU from torch or JAX.
@@ -11,11 +11,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, run_cli, run_python
+from conftest import REPO, run_cli_batch, run_python
+from conftest import SMALL_TRAIN as TRAIN
 
-TRAIN = ["--set", "data.max_images=96", "--set", "data.image_size=64",
-         "--set", "model.backbone=resnet18", "--set", "model.weights=none",
-         "--set", "train.epochs=2", "--set", "train.batch_size=16"]
 IDS = ("1437", "1440", "1472", "4360")
 
 
@@ -30,68 +28,62 @@ def test_harness_hides_tensorflow():
     assert "blocked" in out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, bulk_dir):
-    """One small run per backend, with the study's augmentation: torch and JAX (with
-    the sex input) where TensorFlow cannot be imported, TensorFlow where it can."""
-    out = tmp_path_factory.mktemp("backends")
-    logs = {}
-    for backend, sex in (("torch", False), ("jax", True), ("tensorflow", False)):
-        proc = run_cli(["train", "--data-dir", str(bulk_dir), *TRAIN,
-                        "--set", f"model.use_sex={str(sex).lower()}",
-                        "--set", f"train.output_dir={out}", "--set", f"train.run_name={backend}"],
-                       backend=backend, tensorflow=backend == "tensorflow")
-        logs[backend] = proc.stderr
-    return out, logs
-
-
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_every_command_runs_without_tensorflow(runs, backend, sample_dir, tmp_path):
-    out, logs = runs
+def test_every_command_runs_without_tensorflow(backend_runs, backend, sample_dir, tmp_path):
+    out, logs = backend_runs
     run = out / backend
     sex = ["--sex", "M"] if backend == "jax" else []
     assert "input: pydataset loader, augmentation keras engine (horizontal_flip, " \
         "rotation_degrees, translation, scale, brightness, contrast)" in logs[backend]
     assert len(pd.read_csv(run / "history.csv")) == 2
     assert json.loads((run / "run.json").read_text())["backend"] == backend
-    # evaluate with TTA and MC dropout (the public clone_model route)
-    run_cli(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--tta", "2",
-             "--mc-samples", "3"], backend=backend, tensorflow=False)
+    images = [str(sample_dir / "images" / f"{i}.png") for i in IDS]
+    # evaluate (TTA, MC dropout by the public clone_model route), predict full-size
+    # radiographs, explain, export (.keras always, ONNX natively on torch; SavedModel
+    # needs TensorFlow) and bench, one after another in one process without TensorFlow
+    evaluated, predicted, explained, exported, savedmodel, benched = run_cli_batch([
+        ["evaluate", run, "--out", tmp_path / "eval", "--tta", "2", "--mc-samples", "3"],
+        ["predict", "--model", run, *sex, *images],
+        ["explain", run, *sex, *images[:2], "--out", tmp_path / "cams"],
+        ["export", run, "--out", tmp_path / "deploy"],
+        ["export", run, "--format", "savedmodel", "--out", tmp_path / "sm"],
+        ["bench", "--data-dir", sample_dir, "--images", "16", "--steps", "1", *TRAIN],
+    ], backend=backend, tensorflow=False)
+    for done in (evaluated, predicted, explained, exported, benched):
+        assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 10 and metrics["tta"]["views"] == 2
     assert metrics["uncertainty"]["mean_std"] > 0          # dropout really samples
-    # predict full-size radiographs
-    images = [str(sample_dir / "images" / f"{i}.png") for i in IDS]
-    proc = run_cli(["predict", "--model", str(run), *sex, *images], backend=backend,
-                   tensorflow=False)
-    rows = proc.stdout.strip().splitlines()
+    rows = predicted.stdout.strip().splitlines()
     assert len(rows) == 1 + len(IDS) and rows[1].startswith("1437,")
-    # explain
-    run_cli(["explain", str(run), *sex, *images[:2], "--out", str(tmp_path / "cams")],
-            backend=backend, tensorflow=False)
     maps = np.load(tmp_path / "cams" / "heatmaps.npz")
     assert set(maps.files) == {"1437", "1440"} and np.ptp(maps["1437"]) > 0.1
-    # export: .keras always, ONNX natively on torch; SavedModel needs TensorFlow
-    proc = run_cli(["export", str(run), "--out", str(tmp_path / "deploy")],
-                   backend=backend, tensorflow=False)
-    assert "skipped savedmodel: the savedmodel format needs TensorFlow" in proc.stdout
+    assert "skipped savedmodel: the savedmodel format needs TensorFlow" in exported.stdout
     written = {p.name for p in (tmp_path / "deploy").iterdir()}
     assert written == ({"model.keras", "model.json", "model.onnx"} if backend == "torch"
                        else {"model.keras", "model.json"})
-    proc = run_cli(["export", str(run), "--format", "savedmodel", "--out",
-                    str(tmp_path / "sm")], backend=backend, tensorflow=False, check=False)
-    assert proc.returncode == 2 and "pip install tensorflow" in proc.stderr
+    assert savedmodel.returncode == 2 and "pip install tensorflow" in savedmodel.stderr
     # bench: the PyDataset with the Keras engine, and a training step
-    proc = run_cli(["bench", "--data-dir", str(sample_dir), "--images", "16", "--steps", "1",
-                    *TRAIN], backend=backend, tensorflow=False)
-    figures = json.loads(proc.stdout)
+    figures = json.loads(benched.stdout)
     assert set(figures["pipeline_images_per_s"]) == {"pydataset/originals/plain",
                                                      "pydataset/originals/keras"}
     assert figures["train_step"]["fit_input"] == "PyDataset"
 
 
-def test_keras_file_predicts_the_same_on_every_backend(runs, sample_dir):
-    out, _ = runs
+def test_every_backend_trains_on_the_same_split(backend_runs):
+    """The split depends on the config and seed only (not backend, loader or sex
+    input); TensorFlow's run is the PyDataset loader with the keras-cv engine."""
+    out, logs = backend_runs
+    splits = [pd.read_csv(out / b / "split.csv", dtype={"id": str})
+              for b in ("torch", "jax", "tensorflow")]
+    assert len(splits[0]) == 96 and set(splits[0]["split"]) == {"train", "val"}
+    for other in splits[1:]:
+        pd.testing.assert_frame_equal(other, splits[0])
+    assert "input: pydataset loader, augmentation keras-cv engine" in logs["tensorflow"]
+
+
+def test_keras_file_predicts_the_same_on_every_backend(backend_runs, sample_dir):
+    out, _ = backend_runs
     paths = [str(sample_dir / "images" / f"{i}.png") for i in IDS]
     code = (
         "import json, numpy as np\n"

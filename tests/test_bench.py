@@ -2,19 +2,20 @@
 
 import json
 
-from conftest import run_cli
+from conftest import run_cli_batch
 
 
 def test_bench_prints_pipeline_and_step_figures(sample_dir, tmp_path):
     cache_dir = tmp_path / "cache"
-    run_cli(["prepare", "--data-dir", str(sample_dir), "--size", "64", "--cache-dir",
-             str(cache_dir)])
     # the default config asks for ImageNet weights, which cannot be downloaded here:
     # bench builds the model without them (they do not change the timing)
-    proc = run_cli(["bench", "--data-dir", str(sample_dir), "--images", "24", "--steps", "2",
-                    "--set", "model.backbone=resnet18", "--set", "model.weights=imagenet",
-                    "--set", "data.image_size=48", "--set", "train.batch_size=8",
-                    "--set", f"data.cache_dir={cache_dir}"])
+    prepared, proc = run_cli_batch([
+        ["prepare", "--data-dir", sample_dir, "--size", "64", "--cache-dir", cache_dir],
+        ["bench", "--data-dir", sample_dir, "--images", "24", "--steps", "2",
+         "--set", "model.backbone=resnet18", "--set", "model.weights=imagenet",
+         "--set", "data.image_size=48", "--set", "train.batch_size=8",
+         "--set", f"data.cache_dir={cache_dir}"]])
+    assert prepared.returncode == 0 and proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(proc.stdout)
     assert figures["backend"] == "torch" and figures["images"] == 24
     assert figures["image_size"] == 48 and figures["batch_size"] == 8

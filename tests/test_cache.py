@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import run_cli_batch
 
 import boneage_keras.cache as cache_mod
 from boneage_keras.cache import CacheError, find_cache, prepare_cache
@@ -155,17 +155,20 @@ def test_unwritable_cache_location_is_a_clear_error(small_data, tmp_path):
 
 def test_train_and_evaluate_use_a_prepared_cache(sample_dir, tmp_path):
     cache_dir = tmp_path / "cache"
-    out = run_cli(["prepare", "--data-dir", str(sample_dir), "--size", "96",
-                   "--cache-dir", str(cache_dir)])
-    assert "cache ready: 60 images at 96 px" in out.stdout
-    assert (cache_dir / "96-pad" / "images.npy").is_file()
     common = ["train", "--config", "configs/default.yaml", "--data-dir", str(sample_dir),
               "--set", "model.backbone=resnet18", "--set", "model.weights=none",
               "--set", "data.image_size=64", "--set", "train.epochs=1",
               "--set", "train.batch_size=16", "--set", f"train.output_dir={tmp_path}",
               "--set", f"data.cache_dir={cache_dir}"]
-    cached = run_cli([*common, "--set", "train.run_name=cached"])
+    # prepare, then train and evaluate, in one fresh process
+    out, cached, evaluated = run_cli_batch([
+        ["prepare", "--data-dir", sample_dir, "--size", "96", "--cache-dir", cache_dir],
+        [*common, "--set", "train.run_name=cached"],
+        ["evaluate", tmp_path / "cached"]])
+    assert out.returncode == cached.returncode == evaluated.returncode == 0, \
+        cached.stderr[-3000:] + evaluated.stderr[-3000:]
+    assert "cache ready: 60 images at 96 px" in out.stdout
+    assert (cache_dir / "96-pad" / "images.npy").is_file()
     assert "images: from the cache" in cached.stderr
     assert (tmp_path / "cached" / "best.keras").is_file()
-    evaluated = run_cli(["evaluate", str(tmp_path / "cached")])
     assert "images: from the cache" in evaluated.stderr

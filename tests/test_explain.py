@@ -5,7 +5,7 @@ and that both backends compute the same map through `cli.py explain`."""
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import cli_here, run_cli
 
 from boneage_keras.explain import _CamParts, grad_cam
 from boneage_keras.images import load_image
@@ -60,8 +60,8 @@ def test_cli_explain_same_map_on_both_backends(trained_run, val_images, tmp_path
     maps = {}
     for backend in ("torch", "tensorflow"):
         out = tmp_path / backend
-        proc = run_cli(["explain", str(trained_run), *paths[:4], "--out", str(out)],
-                       backend=backend)
+        command = ["explain", str(trained_run), *paths[:4], "--out", str(out)]
+        proc = cli_here(command) if backend == "torch" else run_cli(command, backend=backend)
         table = pd.read_csv(out / "explanations.csv", dtype={"id": str})
         assert len(table) == 4 and "gradcam_grid.png" in proc.stdout
         for figure in table["figure"]:

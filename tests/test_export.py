@@ -3,12 +3,13 @@ every deployment format predicts the same months (within 0.01) on real images.""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import cli_here, run_cli
+from conftest import cli_here
 
 from boneage_keras.export import ExportError, export_model
 from boneage_keras.inference import ModelFileError
@@ -18,20 +19,15 @@ IDS = ("1378", "1379", "1380", "1381", "1382", "1383")
 
 @pytest.fixture(scope="module", params=[("torch", False), ("tensorflow", True)],
                 ids=["torch", "tensorflow-sex"])
-def exported(request, tmp_path_factory, bulk_dir):
-    """A tiny model trained on the given backend, then exported (all formats) via the CLI
-    under the torch backend (so the TF-trained one crosses backends too). The
-    TensorFlow-trained one takes the patient's sex as a second input."""
-    backend, use_sex = request.param
+def exported(request, tmp_path_factory, backend_runs):
+    """A copy of conftest's small run of the given backend (64 px; the TensorFlow one
+    takes the patient's sex as a second input), exported (all formats) via the CLI under
+    the torch backend, so the TF-trained one crosses backends too."""
+    backend, _ = request.param
     root = tmp_path_factory.mktemp(f"export-{backend}")
-    run_cli(["train", "--data-dir", str(bulk_dir), "--set", "data.max_images=64",
-             "--set", f"model.use_sex={str(use_sex).lower()}",
-             "--set", "data.image_size=48", "--set", "model.backbone=resnet18",
-             "--set", "model.weights=none", "--set", "train.epochs=1",
-             "--set", f"train.output_dir={root}", "--set", "train.run_name=run"],
-            backend=backend)
-    run_cli(["export", str(root / "run"), "--format", "all", "--out", str(root / "deploy")],
-            backend="torch")
+    shutil.copytree(backend_runs[0] / backend, root / "run",
+                    ignore=shutil.ignore_patterns("backup"))
+    cli_here(["export", str(root / "run"), "--format", "all", "--out", str(root / "deploy")])
     return root
 
 
@@ -49,25 +45,31 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
                                                   "model.json"}
     meta = json.loads((deploy / "model.json").read_text())
     use_sex = meta["use_sex"]
-    assert meta["input_size"] == 48 and meta["channels"] == 1
-    assert meta["preprocessing"]["resize"] == "pad" and meta["training"]["epochs"] == 1
+    assert meta["input_size"] == 64 and meta["channels"] == 1
+    assert meta["preprocessing"]["resize"] == "pad" and meta["training"]["epochs"] == 2
     paths = [str(bulk_dir / "images" / f"{i}.png") for i in IDS]
     male = np.ones((len(paths), 1), "float32")      # all male: what --sex M gives
     np.save(exported / "male.npy", male)
     inputs = "{'image': x, 'male': np.load(r'%s')}" % (exported / "male.npy") if use_sex \
         else "x"
     load = ("import json, numpy as np; from boneage_keras.images import load_image;"
-            f"x = np.stack([load_image(p, 48) for p in {paths!r}]).astype('float32');")
+            f"x = np.stack([load_image(p, 64) for p in {paths!r}]).astype('float32');")
     keras_code = load + ("from boneage_keras.model import load_model;"
                          f"m = load_model(r'{deploy / 'model.keras'}');"
                          f"print(json.dumps(m.predict({inputs}, verbose=0).ravel().tolist()))")
-    under_torch = _in_fresh_process(keras_code, "torch")
+    from boneage_keras.images import load_image
+    from boneage_keras.model import load_model
+
+    x64 = np.stack([load_image(p, 64) for p in paths]).astype("float32")
+    model = load_model(deploy / "model.keras")                       # this process: torch
+    under_torch = model.predict({"image": x64, "male": male} if use_sex else x64,
+                                verbose=0).ravel()
     under_tf = _in_fresh_process(keras_code, "tensorflow")
     # plain TensorFlow, no boneage_keras import: float and raw uint8 signatures
     from PIL import Image
 
     pixels = [np.asarray(Image.open(p)) for p in paths]
-    x = np.stack([np.asarray(Image.fromarray(a).resize((48, 48), Image.BILINEAR))
+    x = np.stack([np.asarray(Image.fromarray(a).resize((64, 64), Image.BILINEAR))
                   for a in pixels])[..., None].astype("float32")
     np.save(exported / "x.npy", x)
     np.save(exported / "raw.npy", np.stack(pixels)[..., None])
@@ -101,14 +103,14 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
     sex_args = ["--sex", "M"] if use_sex else []
     for model in (deploy / "savedmodel", deploy / "model.onnx"):
         out = exported / f"{model.name}.csv"
-        run_cli(["predict", "--model", str(model), "--output", str(out), *sex_args, *paths])
+        cli_here(["predict", "--model", str(model), "--output", str(out), *sex_args, *paths])
         predicted = np.loadtxt(out, delimiter=",", skiprows=1,
                                usecols=2 if use_sex else 1)
         np.testing.assert_allclose(predicted, under_torch, atol=0.01)
     if not use_sex:   # a model without the sex input ignores --sex
         out = exported / "ignored.csv"
-        run_cli(["predict", "--model", str(deploy / "model.onnx"), "--output", str(out),
-                 "--sex", "F", *paths])
+        cli_here(["predict", "--model", str(deploy / "model.onnx"), "--output", str(out),
+                  "--sex", "F", *paths])
         ignored = np.loadtxt(out, delimiter=",", skiprows=1, usecols=1)
         np.testing.assert_allclose(ignored, under_torch, atol=0.01)
     if use_sex:   # no sex given to a model that needs it: a clear error, no default
@@ -120,11 +122,11 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
     # evaluate (the labels' male column feeds the sex input) and compare, on the 60
     # full-size radiographs: .keras and ONNX give the same metrics
     for model, name in ((deploy / "model.keras", "keras"), (deploy / "model.onnx", "onnx")):
-        run_cli(["evaluate", "--model", str(model), "--data-dir", str(sample_dir),
-                 "--out", str(exported / f"eval-{name}")])
+        cli_here(["evaluate", "--model", str(model), "--data-dir", str(sample_dir),
+                  "--out", str(exported / f"eval-{name}")])
     metrics = json.loads((exported / "eval-onnx" / "metrics.json").read_text())
     assert metrics["n"] == 60
-    proc = run_cli(["compare", str(exported / "eval-keras"), str(exported / "eval-onnx")])
+    proc = cli_here(["compare", str(exported / "eval-keras"), str(exported / "eval-onnx")])
     assert "n=60" in proc.stdout
     assert abs(float(proc.stdout.split("B-A=")[1].split()[0])) < 0.01
 
@@ -150,9 +152,11 @@ def test_export_refuses_and_cleans_up(exported, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["fake.keras"]    # no .out.partial-*
-    meta = export_model(exported / "run", ["keras"], exported / "deploy", overwrite=True)
+    # an earlier export (a copy: other tests read the fixture's) is replaced whole
+    shutil.copytree(exported / "deploy", tmp_path / "deploy")
+    meta = export_model(exported / "run", ["keras"], tmp_path / "deploy", overwrite=True)
     assert meta["formats"] == ["keras"]
-    assert sorted(p.name for p in (exported / "deploy").iterdir()) == ["model.json",
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["model.json",
                                                                          "model.keras"]
 
 
@@ -197,8 +201,6 @@ def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path, monkeypat
 def test_damaged_exports_are_clear_errors(exported, tmp_path, sample_dir):
     """A corrupt .onnx, a corrupt saved_model.pb and a model.json from another export
     each stop predict with one line naming the file, never a traceback."""
-    import shutil
-
     deploy = tmp_path / "deploy"
     shutil.copytree(exported / "deploy", deploy)
     image = str(sample_dir / "images" / "1437.png")

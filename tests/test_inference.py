@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import cli_here, run_cli_batch
 
 from boneage_keras.compare import compare_predictions
 from boneage_keras.config import load_config
@@ -128,15 +128,17 @@ def val_subset(trained_run, bulk_dir, tmp_path_factory):
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
 def test_cli_evaluate_with_tta_and_mc_dropout(trained_run, val_subset, tmp_path, backend):
     out = tmp_path / "eval"
-    proc = run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
-                    str(val_subset), "--out", str(out), "--tta", "3", "--mc-samples", "6"],
-                   backend=backend)
+    # with TTA and MC dropout, then without either (one process on the backend)
+    proc, plain_proc = run_cli_batch([
+        ["evaluate", "--model", trained_run / "best.keras", "--data-dir", val_subset,
+         "--out", out, "--tta", "3", "--mc-samples", "6"],
+        ["evaluate", "--model", trained_run / "best.keras", "--data-dir", val_subset,
+         "--out", tmp_path / "plain"]], backend=backend)
+    assert proc.returncode == plain_proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 40 and metrics["tta"]["views"] == 3
     assert metrics["tta"]["mae_without_tta"] != pytest.approx(metrics["mae"], abs=1e-4)
     # the figure without TTA is what a separate evaluation without TTA measures
-    run_cli(["evaluate", "--model", str(trained_run / "best.keras"), "--data-dir",
-             str(val_subset), "--out", str(tmp_path / "plain")], backend=backend)
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert metrics["tta"]["mae_without_tta"] == pytest.approx(plain["mae"], abs=0.05)
     unc = metrics["uncertainty"]
@@ -180,7 +182,7 @@ def test_ensemble_of_runs_and_models(trained_run, tmp_path, bulk_dir):
         evaluate_run([trained_run, twin], "val", out_dir=tmp_path / "bad")
     # the CLI: --model repeated for predict, MC samples across both members
     paths, _ = _val_paths(trained_run, bulk_dir, 5)
-    proc = run_cli(["predict", "--model", str(trained_run / "best.keras"), "--model",
+    proc = cli_here(["predict", "--model", str(trained_run / "best.keras"), "--model",
                     str(trained_run / "last.keras"), "--mc-samples", "4", *paths])
     table = pd.read_csv(__import__("io").StringIO(proc.stdout))
     assert list(table.columns) == ["id", "predicted", "member_0", "member_1", "std",

@@ -28,7 +28,7 @@ import pandas as pd
 from . import console
 from .data import cache_root, load_dataset
 from .errors import BoneAgeError
-from .files import write_csv, write_json
+from .files import make_writable_dir, write_csv, write_json
 from .images import center_crop, decode_size, load_image, read_gray, resize_gray
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,7 @@ def prepare_cache(data_dir: str | Path, size: int, resize: str = "pad",
         log.info("cache %s is complete and current (%d images)", folder, len(table))
         return meta
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(folder)
     except OSError as err:
         raise CacheError(f"cannot write the cache at {folder} ({err.strerror}); the data "
                          "folder may be read-only: pass --cache-dir DIR (and set "

@@ -45,14 +45,20 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     return path
 
 
+def make_writable_dir(path: Path) -> None:
+    """Make ``path`` (and its parents) and prove that a file can be written there;
+    ``OSError`` if not (callers turn it into their own message)."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def check_output_dir(path: str | Path, flag: str) -> Path:
     """Before any work: make ``path`` (and its parents) and check that it is writable."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(path)
     except OSError as err:
         raise OutputError(f"{flag} {path}: cannot write there ({err.strerror}); choose a "
                           "writable folder.") from None

@@ -52,7 +52,14 @@ from .config import (
 from .console import native_stderr_silenced
 from .data import load_dataset, resolve_data_dir, split_table, subsample
 from .errors import BoneAgeError
-from .files import TMP_MARK, replacing, write_csv, write_json, write_text
+from .files import (
+    TMP_MARK,
+    make_writable_dir,
+    replacing,
+    write_csv,
+    write_json,
+    write_text,
+)
 from .metrics import ToleranceAccuracy
 from .model import build_model
 from .plots import plot_curves
@@ -209,10 +216,7 @@ def new_run_dir(cfg: Config) -> Path:
                           f"it with `cli.py train --resume {run_dir}` or choose another "
                           "train.run_name.")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_dir(run_dir)
     except OSError as err:
         raise RunDirError(f"cannot write the run directory {run_dir} ({err.strerror}); "
                           "set train.output_dir to a writable folder.") from None

@@ -309,7 +309,6 @@ def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
     size, use_sex = pre["image_size"], pre["use_sex"]
     side = decode_size(size, pre["crop"])
 
-
     def prepare(images):
         x = tf.cast(images, tf.float32)
         if pre["resize"] == "pad":

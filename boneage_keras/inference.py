@@ -527,11 +527,11 @@ def _rows_from_csv(csv: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def find_calibration(model_path: str | Path, members: int, mc_samples: int
+def find_calibration(model_path: str | Path, members: int, mc_samples: int, tta: int
                      ) -> dict[str, Any]:
     """The calibration stored with a model: ``calibration.json`` in its run directory
     (or beside its .keras file), or the ``calibration`` of an export's model.json; it
-    must have been fitted for the same number of models and MC samples."""
+    must have been fitted for the same number of models, TTA views and MC sampling."""
     path = Path(model_path)
     folder = path if path.is_dir() else path.parent
     cal = None
@@ -543,10 +543,12 @@ def find_calibration(model_path: str | Path, members: int, mc_samples: int
         raise ModelFileError(f"--recalibrate: no calibration stored with {model_path}; fit "
                              "one with `cli.py evaluate RUN --recalibrate` (it needs a run "
                              "with a test split), then export or predict from that run.")
-    if cal.get("members", 1) != members or (cal.get("mc_samples", 0) > 1) != (mc_samples > 1):
+    if (cal.get("members", 1) != members or cal.get("tta", 1) != tta
+            or (cal.get("mc_samples", 0) > 1) != (mc_samples > 1)):
         raise ModelFileError(f"--recalibrate: the calibration of {model_path} was fitted for "
-                             f"{cal.get('members', 1)} model(s) and --mc-samples "
-                             f"{cal.get('mc_samples', 0)}; predict the same way.")
+                             f"{cal.get('members', 1)} model(s), --tta {cal.get('tta', 1)} "
+                             f"and --mc-samples {cal.get('mc_samples', 0)}; predict the "
+                             "same way.")
     return cal
 
 
@@ -583,7 +585,7 @@ def predict_inputs(model_path: str | Path | Sequence[str | Path],
     if output is not None:
         check_output_file(output, "--output")
     paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
-    calibration = find_calibration(paths[0], len(paths), mc_samples) if recalibrate \
+    calibration = find_calibration(paths[0], len(paths), mc_samples, tta) if recalibrate \
         else None
     members = open_members(paths)
     table = collect_inputs(inputs, sex, sex_override, chronological_age, id_from)

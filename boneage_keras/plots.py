@@ -21,16 +21,22 @@ def plot_curves(history_csv: str | Path, out_png: str | Path) -> Path:
                                   ("tolerance_accuracy", "Tolerance accuracy"))
               if k in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
+    for ax, (key, _) in zip(axes[0], panels):
         ax.plot(epochs, history[key], marker="o", label="train")
         if f"val_{key}" in history:
             ax.plot(epochs, history[f"val_{key}"], marker="o", label="validation")
+    _per_epoch_panels(axes[0], [title for _, title in panels])
+    fig.suptitle("Training curves")
+    return _save(fig, out_png)
+
+
+def _per_epoch_panels(axes, titles: list[str]) -> None:
+    """Title, epoch axis, grid and legend of per-epoch panels."""
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Training curves")
-    return _save(fig, out_png)
 
 
 def plot_learning_curves(histories: dict[str, Path], out_png: str | Path) -> Path:
@@ -41,11 +47,7 @@ def plot_learning_curves(histories: dict[str, Path], out_png: str | Path) -> Pat
         epochs = history["epoch"] + 1
         axes[0].plot(epochs, history["val_mae"], marker="o", label=name)
         axes[1].plot(epochs, history["val_tolerance_accuracy"], marker="o", label=name)
-    for ax, title in zip(axes, ("Validation MAE (months)", "Validation ±12-month accuracy")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    _per_epoch_panels(axes, ["Validation MAE (months)", "Validation ±12-month accuracy"])
     fig.suptitle("Learning curves")
     return _save(fig, out_png)
 

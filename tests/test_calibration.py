@@ -78,6 +78,10 @@ def test_evaluate_recalibrates_on_validation_and_scores_on_test(trained_run, tmp
     np.testing.assert_allclose(table["predicted"], preds["predicted"].head(5), atol=0.02)
     np.testing.assert_allclose(table["upper90"] - table["lower90"],
                                2 * saved["half_width"], atol=0.01)
+    # fitted without TTA: predicting with TTA and this calibration is refused
+    proc = cli_here(["predict", "--model", run, "--recalibrate", "--tta", "2", *images],
+                    check=False)
+    assert proc.returncode == 2 and "--tta 1" in proc.stderr
     # and the export carries it for deployment
     cli_here(["export", run, "--format", "keras", "--format", "onnx", "--out",
               tmp_path / "deploy"])

@@ -34,6 +34,12 @@ class FriendlyGroup(click.Group):
             if not isinstance(err, BoneAgeError):
                 raise
             click.echo(f"error: {err}", err=True)
+            from boneage_keras.distribute import DistributeError
+
+            if isinstance(err, DistributeError):   # skip the collectives' shut-down,
+                sys.stdout.flush()                  # which would wait for the lost one
+                sys.stderr.flush()
+                os._exit(2)
             sys.exit(2)
 
 
@@ -76,8 +82,12 @@ def train(config_path: str | None, data_dir: str | None, overrides: tuple[str, .
     else:
         cfg = load_config(config_path or "default", sets)
         result = run_training(cfg, verbose=verbose)
-    click.echo(f"run directory: {result.run_dir}")
-    click.echo(f"best epoch {result.best_epoch} (in best.keras): " + ", ".join(
+    from boneage_keras.distribute import current
+
+    replicas = current()
+    who = f"[{replicas.name}] " if replicas.processes > 1 else ""
+    click.echo(f"{who}run directory: {result.run_dir}")
+    click.echo(f"{who}best epoch {result.best_epoch} (in best.keras): " + ", ".join(
         f"{k}={v:.4f}" for k, v in result.best.items()))
 
 

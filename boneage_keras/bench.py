@@ -131,6 +131,52 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
             "rounds_fit_ms": [round(1000 * f, 1) for f in fitted]}
 
 
+def _fit_images_per_s(model: keras.Model, x: np.ndarray, y: np.ndarray, global_batch: int,
+                      steps: int, rounds: int = 3) -> float:
+    model.fit(_SameBatch(x, y, 2), verbose=0)            # compile and warm up
+    times = []
+    for _ in range(rounds):
+        _sync()
+        start = time.perf_counter()
+        model.fit(_SameBatch(x, y, steps), verbose=0)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return global_batch * steps / float(np.median(times))
+
+
+def replica_scaling(cfg: Config, steps: int = 10) -> dict[str, Any]:
+    """Training images/s (``fit``) on one replica and on ``distribute``'s replicas, same
+    global batch. On a CPU split into devices this measures the overhead only (the
+    devices share the cores); on several GPUs, the real scaling. Under torchrun the
+    processes would contend for the one-replica figure: it is left out there (run
+    ``bench`` without torchrun for it)."""
+    from .distribute import setup
+
+    replicas = setup(cfg)
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
+    y = rng.uniform(0, 230, (batch,)).astype(np.float32)
+    out: dict[str, Any] = {"replicas": replicas.replicas, "processes": replicas.processes,
+                           "engine": replicas.engine}
+    if replicas.processes == 1:
+        with replicas.local_scope():
+            one = compile_model(build_model(cfg), cfg)
+            out["one_replica_images_per_s"] = round(
+                _fit_images_per_s(one, x, y, batch, steps), 2)
+    with replicas.scope():
+        model = compile_model(build_model(cfg), cfg)
+    replicas.prepare_model(model)
+    local = replicas.process_batch(batch)
+    first = replicas.index * local
+    out["replicas_images_per_s"] = round(_fit_images_per_s(
+        model, x[first:first + local], y[first:first + local], batch, steps), 2)
+    if "one_replica_images_per_s" in out:
+        out["speedup"] = round(out["replicas_images_per_s"]
+                               / out["one_replica_images_per_s"], 3)
+    return out
+
+
 def _sync() -> None:
     if keras.backend.backend() == "torch":
         import torch
@@ -161,6 +207,10 @@ def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
     """All figures as one dict (what ``cli.py bench`` prints). Pretrained weights do
     not change the timing, so the model is built without them (nothing to download)."""
     cfg.model.weights = None
+    if training and cfg.distribute.strategy == "data_parallel":
+        from .distribute import setup
+
+        setup(cfg)   # before anything starts the backend's devices
     result: dict[str, Any] = {
         "backend": keras.backend.backend(), "gpu": gpu_available(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -193,7 +243,9 @@ def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
             load_image(path, cfg.data.image_size, geometry(cfg.data))
         result["decode_per_image_images_per_s"] = round(
             min(len(table), 60) / (time.perf_counter() - start), 1)
-    if training:
+    if training and cfg.distribute.strategy == "data_parallel":
+        result["replica_scaling"] = replica_scaling(cfg, steps)
+    elif training:
         result["train_step"] = {k: round(v, 3) if isinstance(v, float) else v
                                 for k, v in step_times(cfg, steps).items()}
     result.update({k: round(v, 1) for k, v in _peak_memory().items()})

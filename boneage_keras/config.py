@@ -1,7 +1,7 @@
 """Experiment configuration: dataclasses, stacked YAML files and dotted overrides.
 
-A config file is YAML with up to four sections (``data``, ``augment``, ``model``,
-``train``) and an optional ``base:`` naming another config file (relative to the
+A config file is YAML with up to five sections (``data``, ``augment``, ``model``,
+``train``, ``distribute``) and an optional ``base:`` naming another config file (relative to the
 file itself) whose values it overrides, so a recipe is a small file on top of
 ``default.yaml``. Command-line overrides use dotted keys::
 
@@ -108,11 +108,29 @@ class TrainConfig:
 
 
 @dataclass
+class DistributeConfig:
+    """One replica or many (see boneage_keras/distribute.py and the README's "More than
+    one GPU"); ``train.batch_size`` stays the global batch."""
+
+    strategy: Literal["none", "data_parallel"] = "none"
+    devices: int | None = None  # replicas in this process (JAX, TF); None: every GPU
+    cpu_devices: int | None = None  # JAX/TF without a GPU: split the CPU into N devices
+    sync_batchnorm: bool = False  # TF: synchronized batch statistics (JAX: always global)
+    scale_lr: Literal["none", "linear"] = "none"  # linear: lr x batch_size / lr_batch_size
+    lr_batch_size: int = 64  # the global batch train.learning_rate was chosen for
+    timeout_s: int = 120  # a lost process stops the others after this long
+    coordinator: str | None = None  # JAX multi-process: host:port of process 0
+    num_processes: int | None = None  # JAX multi-process (else KERAS_DISTRIBUTION_*)
+    process_id: int | None = None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
     name: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +149,7 @@ _SECTION_CLASSES = {
     "augment": AugmentConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "distribute": DistributeConfig,
 }
 
 
@@ -277,6 +296,20 @@ def _validate(cfg: Config) -> None:
           "augment.salt_pepper", a.salt_pepper, "null or [low, high] fractions in [0, 1)")
     check(finite(a.blur_probability) and 0 <= a.blur_probability <= 1,
           "augment.blur_probability", a.blur_probability, "a probability in [0, 1]")
+    s = cfg.distribute
+    for key, value in (("distribute.devices", s.devices),
+                       ("distribute.cpu_devices", s.cpu_devices),
+                       ("distribute.num_processes", s.num_processes)):
+        check(value is None or value >= 1, key, value, "null or an integer >= 1")
+    check(s.process_id is None or s.process_id >= 0, "distribute.process_id", s.process_id,
+          "null or an integer >= 0 (0 is the chief)")
+    check(s.lr_batch_size >= 1, "distribute.lr_batch_size", s.lr_batch_size,
+          "an integer >= 1")
+    check(s.timeout_s >= 5, "distribute.timeout_s", s.timeout_s, "an integer >= 5 seconds")
+    check(s.strategy == "data_parallel" or not (s.cpu_devices or s.devices
+                                                 or (s.num_processes or 1) > 1),
+          "distribute.strategy", s.strategy,
+          "data_parallel when distribute.devices, cpu_devices or num_processes are set")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BoneAgeError
-from .files import write_csv
+from .files import may_write, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def verify_images(paths: list[str], record_dir: Path | None) -> dict[str, str]:
                      record or "memory only")
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             known.update(zip(todo, (p or "" for p in pool.map(decode_problem, todo))))
-        if record is not None:
+        if record is not None and may_write():
             table = pd.DataFrame({"path": list(known),
                                   "size": [stats[p].st_size if p in stats
                                            else -1 for p in known],

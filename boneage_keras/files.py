@@ -28,6 +28,29 @@ class OutputError(BoneAgeError):
     """An output file or folder cannot be written; the message names the flag."""
 
 
+class NotTheWriter(RuntimeError):
+    """A process that must not write (a distributed run's non-chief) tried to."""
+
+
+_writes_forbidden: str | None = None
+
+
+def forbid_writes(reason: str | None) -> None:
+    """From now on every write through this module raises :class:`NotTheWriter` naming
+    ``reason`` (e.g. "process 1 of 2: only the chief writes"); ``None`` allows again."""
+    global _writes_forbidden
+    _writes_forbidden = reason
+
+
+def may_write() -> bool:
+    return _writes_forbidden is None
+
+
+def _check_writer(path: Path) -> None:
+    if _writes_forbidden is not None:
+        raise NotTheWriter(f"{path}: not written ({_writes_forbidden})")
+
+
 def check_output_file(path: str | Path, flag: str) -> Path:
     """Before any work: ``path``'s folder exists and is writable (``flag`` names the
     option in the message)."""
@@ -48,6 +71,7 @@ def check_output_file(path: str | Path, flag: str) -> Path:
 def make_writable_dir(path: Path) -> None:
     """Make ``path`` (and its parents) and prove that a file can be written there;
     ``OSError`` if not (callers turn it into their own message)."""
+    _check_writer(path)
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write-test-{os.getpid()}"
     probe.write_bytes(b"")
@@ -76,6 +100,7 @@ def temporary_name(path: Path) -> Path:
 def replacing(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces ``path``, on failure it goes."""
     path = Path(path)
+    _check_writer(path)
     tmp = temporary_name(path)
     try:
         yield tmp

@@ -42,6 +42,7 @@ from .augment import (
 )
 from .backend import importable, tensorflow_for_input
 from .config import Config, ConfigError, geometry
+from .distribute import Replicas, shard
 from .images import ImageError, decode_size, load_image
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
     def __init__(self, df: pd.DataFrame, cfg: Config, training: bool,
                  augmenter: Augmenter | None = None,
                  reader: Callable[..., np.ndarray] = load_image, start_epoch: int = 0,
-                 **kwargs: Any) -> None:
+                 replicas: Replicas | None = None, **kwargs: Any) -> None:
         super().__init__(workers=cfg.data.workers, use_multiprocessing=False,
                          max_queue_size=max(4, 2 * cfg.data.workers), **kwargs)
         self.paths, self.male, self.labels = _columns(df)
@@ -206,7 +207,16 @@ class BoneAgeDataset(keras.utils.PyDataset):
         self.augmenter = augmenter if training else None
         self.epoch = start_epoch
         self._next_epoch = start_epoch
+        # data parallel: this process's shard of every epoch, padded to equal steps
+        self.replicas = replicas if replicas is not None and replicas.distributed else None
         self.order = self.epoch_order(start_epoch)
+        self.positions = self._shard()
+
+    def _shard(self) -> np.ndarray | None:
+        if self.replicas is None:
+            return None
+        r = self.replicas
+        return shard(self.order, self.cfg.train.batch_size, r.processes, r.index)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The image order of ``epoch`` (unshuffled for validation)."""
@@ -218,7 +228,9 @@ class BoneAgeDataset(keras.utils.PyDataset):
     def __len__(self) -> int:
         return math.ceil(len(self.paths) / self.cfg.train.batch_size)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        if self.positions is not None:
+            return self._shard_batch(index)
         bs = self.cfg.train.batch_size
         idx = self.order[index * bs:(index + 1) * bs]
         d = self.cfg.data
@@ -235,18 +247,51 @@ class BoneAgeDataset(keras.utils.PyDataset):
             images = self.augmenter.augment_batch(images, self.epoch, index)
         return _pack(images, self.male[idx], self.labels[idx], self.cfg.model.use_sex)
 
+    def _shard_batch(self, index: int) -> tuple[Any, Any, np.ndarray]:
+        """Step ``index`` of this process's shard: a full batch whose padding (and any
+        image that failed to decode) is a blank with weight 0, so every process feeds
+        the same shapes and the weights count each image of the split once."""
+        r = self.replicas
+        per = self.cfg.train.batch_size // r.processes
+        d = self.cfg.data
+        side = decode_size(d.image_size, self.cfg.augment.random_crop) \
+            if self.random_crop else d.image_size
+        images = np.zeros((per, side, side, 1), np.float32)
+        male = np.zeros((per, 1), np.float32)
+        labels = np.zeros(per, np.float32)
+        weights = np.zeros(per, np.float32)
+        for j, i in enumerate(self.positions[index * per:(index + 1) * per]):
+            if i < 0:
+                continue
+            image = self.reader(self.paths[i], d.image_size, geometry(d),
+                                self.cfg.augment.random_crop, center=not self.random_crop)
+            if image is not None:
+                images[j], male[j], labels[j], weights[j] = image, self.male[i], \
+                    self.labels[i], 1.0
+        if self.augmenter is not None:   # each process its own draws
+            images = self.augmenter.augment_batch(images, self.epoch,
+                                                  index * r.processes + r.index)
+        return (*_pack(images, male, labels, self.cfg.model.use_sex), weights)
+
     def on_epoch_begin(self) -> None:
         if self.training:
             self.epoch = self._next_epoch
             self._next_epoch += 1
             self.order = self.epoch_order(self.epoch)
+            self.positions = self._shard()
 
 
 def make_loader(df: pd.DataFrame, cfg: Config, training: bool, repeat: bool = False,
                 reader: Callable[..., np.ndarray] = load_image,
-                start_epoch: int = 0) -> Any:
-    """The configured loader (``data.loader``) for one split; augments only if training."""
+                start_epoch: int = 0, replicas: Replicas | None = None) -> Any:
+    """The configured loader (``data.loader``) for one split; augments only if training.
+    With several ``replicas`` it is the PyDataset, feeding this process's shard."""
     loader = resolve_loader(cfg, training)
+    if replicas is not None and replicas.distributed and loader != "pydataset":
+        if training:
+            log.info("data parallel: the pydataset loader feeds each process its shard "
+                     "(data.loader=%s is not used)", cfg.data.loader)
+        loader = "pydataset"
     augmenter = None
     if training:
         augmenter = build_augmenter(cfg.augment, cfg.data.image_size, seed=cfg.train.seed,
@@ -257,6 +302,6 @@ def make_loader(df: pd.DataFrame, cfg: Config, training: bool, repeat: bool = Fa
                  if augmenter is not None else "off")
     if loader == "pydataset":
         return BoneAgeDataset(df, cfg, training, augmenter, reader=reader,
-                              start_epoch=start_epoch)
+                              start_epoch=start_epoch, replicas=replicas)
     return make_tf_dataset(df, cfg, training, augmenter, repeat=repeat, reader=reader,
                            start_epoch=start_epoch)

@@ -51,9 +51,13 @@ from .config import (
 )
 from .console import native_stderr_silenced
 from .data import load_dataset, resolve_data_dir, split_table, subsample
+from .distribute import Replicas, effective_learning_rate
+from .distribute import current as current_replicas
+from .distribute import setup as setup_replicas
 from .errors import BoneAgeError
 from .files import (
     TMP_MARK,
+    forbid_writes,
     make_writable_dir,
     replacing,
     write_csv,
@@ -70,7 +74,10 @@ STATE = "state.json"
 SETUP_FILES = ("config.yaml", "split.csv", "run.json", "train.log")
 # what --resume may change: where the data is and how it is read, and how long to train
 RESUMABLE_KEYS = ("train.epochs", "train.early_stopping_patience", "data.data_dir",
-                  "data.workers", "data.use_cache", "data.cache_dir")
+                  "data.workers", "data.use_cache", "data.cache_dir",
+                  "distribute.strategy", "distribute.devices", "distribute.cpu_devices",
+                  "distribute.timeout_s", "distribute.coordinator",
+                  "distribute.num_processes", "distribute.process_id")
 
 
 class RunDirError(BoneAgeError, RuntimeError):
@@ -148,11 +155,12 @@ def cosine_learning_rate(epoch: int, base: float, epochs: int, period: int | Non
 def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
     t = cfg.train
     decay = t.weight_decay or None
+    lr = effective_learning_rate(cfg)
     if t.optimizer == "adamw":
-        return keras.optimizers.AdamW(t.learning_rate, weight_decay=t.weight_decay)
+        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
-        return keras.optimizers.SGD(t.learning_rate, momentum=0.9, weight_decay=decay)
-    return keras.optimizers.Adam(t.learning_rate, weight_decay=decay)
+        return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=decay)
+    return keras.optimizers.Adam(lr, weight_decay=decay)
 
 
 def jit_setting(cfg: Config) -> bool | str:
@@ -175,9 +183,11 @@ def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
     model.compile(
         optimizer=make_optimizer(cfg),
         loss=loss,
-        metrics=[keras.metrics.MeanAbsoluteError(name="mae"),
-                 keras.metrics.RootMeanSquaredError(name="rmse"),
-                 ToleranceAccuracy(cfg.train.tolerance_months)],
+        # weighted: an image that failed to decode, or a data-parallel batch's padding,
+        # comes with weight 0 and must not count
+        weighted_metrics=[keras.metrics.MeanAbsoluteError(name="mae"),
+                          keras.metrics.RootMeanSquaredError(name="rmse"),
+                          ToleranceAccuracy(cfg.train.tolerance_months)],
         jit_compile=jit_setting(cfg),
     )
     return model
@@ -208,13 +218,17 @@ def _is_setup_only(run_dir: Path) -> bool:
             and not (run_dir / "best.keras").exists())
 
 
-def new_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_run_dir(cfg: Config, replicas: Replicas) -> Path:
+    """The new run's folder, made by the chief (every process gets the chief's name)."""
+    name = replicas.agree_text(cfg.train.run_name
+                               or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(cfg.train.output_dir) / name
     if run_dir.exists() and not _is_setup_only(run_dir):
         raise RunDirError(f"run directory {run_dir} already holds a trained run. Resume "
                           f"it with `cli.py train --resume {run_dir}` or choose another "
                           "train.run_name.")
+    if not replicas.chief:
+        return run_dir
     try:
         make_writable_dir(run_dir)
     except OSError as err:
@@ -281,10 +295,13 @@ def _backend_version() -> str:
     return getattr(importlib.import_module(module), "__version__", "?")
 
 
-def run_info(started: str, **extra: Any) -> dict[str, Any]:
+def run_info(started: str, replicas: Replicas | None = None,
+             **extra: Any) -> dict[str, Any]:
     """What run.json records: where and how the run trained."""
-    return {"backend": keras.backend.backend(), "devices": devices(), "replicas": 1,
-            "processes": 1, "versions": {"boneage_keras": __version__,
+    replicas = replicas or current_replicas()
+    return {"backend": keras.backend.backend(), "devices": replicas.devices or devices(),
+            "replicas": replicas.replicas, "processes": replicas.processes,
+            "distribute": replicas.describe(), "versions": {"boneage_keras": __version__,
                                           "keras": keras.__version__,
                                           keras.backend.backend(): _backend_version(),
                                           "python": platform.python_version()},
@@ -319,9 +336,12 @@ class RunKeeper(keras.callbacks.Callback):
     async_safe = True   # the batch hook only reads the loss
 
     def __init__(self, run_dir: Path, cfg: Config, inference_twin: keras.Model,
-                 state: dict[str, Any] | None, history: pd.DataFrame) -> None:
+                 state: dict[str, Any] | None, history: pd.DataFrame,
+                 replicas: Replicas | None = None) -> None:
         super().__init__()
         self.run_dir, self.cfg, self.twin = run_dir, cfg, inference_twin
+        self.replicas = replicas or current_replicas()
+        self.writer = self.replicas.chief   # only the chief writes; all decide alike
         self.history = history
         state = state or {}
         self.best = state.get("best")             # None: no epoch yet
@@ -345,9 +365,12 @@ class RunKeeper(keras.callbacks.Callback):
             raise self.failure
 
     def _save_inference_model(self, name: str) -> None:
-        self.twin.set_weights(self.model.get_weights())
-        with replacing(self.run_dir / name) as tmp:
-            self.twin.save(tmp)
+        if not self.writer:
+            return
+        with self.replicas.local_values(self.model):
+            self.twin.set_weights(self.model.get_weights())
+            with replacing(self.run_dir / name) as tmp:
+                self.twin.save(tmp)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         logs = dict(logs or {})
@@ -360,7 +383,8 @@ class RunKeeper(keras.callbacks.Callback):
         self.history = pd.concat([self.history[self.history["epoch"] < epoch],
                                   pd.DataFrame([row])], ignore_index=True) \
             if len(self.history) else pd.DataFrame([row])
-        write_csv(self.run_dir / "history.csv", self.history)
+        if self.writer:
+            write_csv(self.run_dir / "history.csv", self.history)
         value = logs.get(MONITOR)
         improved = value is not None and (self.best is None or value > self.best)
         if improved:
@@ -380,11 +404,14 @@ class RunKeeper(keras.callbacks.Callback):
     def save_state(self, epochs_done: int, finished: bool = False) -> None:
         """Weights with optimizer state, then state.json naming them (the order matters:
         a kill between the two leaves state.json naming the previous, complete file)."""
+        if not self.writer:
+            return
         backup = self.run_dir / "backup"
         backup.mkdir(exist_ok=True)
         weights = f"state-{epochs_done:04d}.weights.h5"
         if not (backup / weights).is_file() or not finished:
-            with replacing(backup / weights) as tmp:
+            with replacing(backup / weights) as tmp, \
+                    self.replicas.local_values(self.model):
                 self.model.save_weights(tmp)
         write_json(backup / STATE, {
             "epoch": epochs_done, "weights": weights, "best": self.best,
@@ -407,12 +434,43 @@ def train(cfg: Config, verbose: Any = "auto",
     nothing behind; a folder left by a failed start is reused. ``split`` (``id``,
     ``split``) imposes another run's split, so that runs compare on the same images.
     """
+    replicas = _start_replicas(cfg)
+    if replicas.restart and replicas.job_id:   # torchrun --max-restarts: pick it up
+        earlier = find_job_run(cfg.train.output_dir, replicas.job_id)
+        if earlier is not None:
+            log.info("torchrun restart %d of job %s: resuming %s", replicas.restart,
+                     replicas.job_id, earlier)
+            return resume(earlier, verbose=verbose)
     cfg.data.data_dir = str(resolve_data_dir(cfg.data.data_dir).resolve())
     split = make_split(cfg) if split is None else _join_split(cfg, split, "the given split")
-    run_dir = new_run_dir(cfg)
-    write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-    write_csv(run_dir / "split.csv", split[["id", "boneage", "male", "split"]])
+    run_dir = new_run_dir(cfg, replicas)
+    if replicas.chief:
+        write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        write_csv(run_dir / "split.csv", split[["id", "boneage", "male", "split"]])
     return _run(cfg, run_dir, split, None, verbose)
+
+
+def _start_replicas(cfg: Config) -> Replicas:
+    """``distribute`` set up; a process that is not the chief is kept from writing
+    (every write through files.py would raise) and logs warnings only."""
+    replicas = setup_replicas(cfg)
+    if not replicas.chief:
+        forbid_writes(f"{replicas.name}: only process 0, the chief, writes the run")
+        logging.getLogger("boneage_keras").setLevel(logging.WARNING)
+    return replicas
+
+
+def find_job_run(output_dir: str | Path, job_id: str) -> Path | None:
+    """The run a torchrun job (``job_id``, the same across its restarts) started."""
+    import json
+
+    for info in Path(output_dir).glob("*/run.json"):
+        try:
+            if json.loads(info.read_text()).get("distribute", {}).get("job_id") == job_id:
+                return info.parent
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None,
@@ -431,6 +489,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None,
                               "keys: " + ", ".join(RESUMABLE_KEYS) + ". Start a new run "
                               "for other changes.")
     cfg = load_config(run_dir / "config.yaml", overrides)
+    replicas = _start_replicas(cfg)
     state = read_state(run_dir)
     done = state["epoch"] if state else 0
     if run_complete(state) and cfg.train.epochs <= done:
@@ -444,21 +503,25 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None,
     if state and cfg.train.epochs != state["epochs_planned"]:
         log.info("extending %s from %d to %d epochs", run_dir, state["epochs_planned"],
                  cfg.train.epochs)
-    write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-    for folder in (run_dir, run_dir / "backup"):   # half-written files of a killed run
-        for leftover in folder.glob(f".*{TMP_MARK}*"):
-            leftover.unlink()
+    if replicas.chief:
+        write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        for folder in (run_dir, run_dir / "backup"):   # half-written files of a killed run
+            for leftover in folder.glob(f".*{TMP_MARK}*"):
+                leftover.unlink()
     return _run(cfg, run_dir, saved_split(cfg, run_dir), state, verbose)
 
 
 def _run(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] | None,
          verbose: Any) -> TrainResult:
+    replicas = current_replicas()
+    if not replicas.chief:
+        return _fit(cfg, run_dir, split, state, verbose, replicas)
     handler = _attach_log_file(run_dir)
     started = _now()
-    info = run_info(started, status="running")
+    info = run_info(started, replicas, status="running")
     write_json(run_dir / "run.json", info)
     try:
-        result = _fit(cfg, run_dir, split, state, verbose)
+        result = _fit(cfg, run_dir, split, state, verbose, replicas)
     except BaseException as err:
         write_json(run_dir / "run.json", {**info, "ended": _now(),
                                           "status": f"stopped: {type(err).__name__}"})
@@ -473,6 +536,14 @@ def _run(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
     return result
 
 
+def _lost_contact(err: BaseException) -> bool:
+    """Whether a distributed step failed because another process went away."""
+    text = f"{type(err).__name__} {err}".lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "peer",
+                                         "collective", "heartbeat", "timed out",
+                                         "unavailable", "socket"))
+
+
 def _remove_setup(run_dir: Path, keep_log: bool) -> None:
     """Before any epoch finished: take back the files this run wrote, so the same
     run_name can be used again (the log stays when it explains a failure)."""
@@ -485,7 +556,7 @@ def _remove_setup(run_dir: Path, keep_log: bool) -> None:
 
 
 def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] | None,
-         verbose: Any) -> TrainResult:
+         verbose: Any, replicas: Replicas) -> TrainResult:
     from .loaders import make_loader
 
     with native_stderr_silenced():   # Keras seeds TensorFlow too, if it is installed
@@ -498,8 +569,10 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
         train_df, val_df = split[split["split"] == "train"], split[split["split"] == "val"]
         labels = train_df["boneage"].to_numpy(dtype=np.float64)
         mean, std = float(labels.mean()), float(labels.std() or 1.0)
-        model = compile_model(build_model(cfg, mean, std), cfg)
-        twin = build_model(cfg, mean, std)
+        with replicas.scope():
+            model = compile_model(build_model(cfg, mean, std), cfg)
+        with replicas.local_scope():
+            twin = build_model(cfg, mean, std)
         start = 0
         if state is not None:
             model.optimizer.build(model.trainable_variables)
@@ -509,20 +582,23 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
                      "waited %d)", start + 1,
                      None if state["best_epoch"] is None else state["best_epoch"] + 1,
                      MONITOR, state["best"], state["wait"])
+        replicas.prepare_model(model)
         history = pd.DataFrame()
         if state is not None and (run_dir / "history.csv").is_file():
             history = pd.read_csv(run_dir / "history.csv")
         steps = cfg.train.steps_per_epoch
         reader = image_reader(cfg, split)
         train_data = make_loader(train_df, cfg, training=True, repeat=steps is not None,
-                                 reader=reader, start_epoch=start)
-        val_data = make_loader(val_df, cfg, training=False, reader=reader)
-        keeper = RunKeeper(run_dir, cfg, twin, state, history)
-        callbacks: list[keras.callbacks.Callback] = []
+                                 reader=reader, start_epoch=start, replicas=replicas)
+        val_data = make_loader(val_df, cfg, training=False, reader=reader,
+                               replicas=replicas)
+        keeper = RunKeeper(run_dir, cfg, twin, state, history, replicas)
+        callbacks: list[keras.callbacks.Callback] = replicas.callbacks(model)
         t = cfg.train
         if t.lr_schedule == "cosine":  # before the keeper, so its rows carry the rate
+            base = effective_learning_rate(cfg)
             callbacks.append(keras.callbacks.LearningRateScheduler(
-                lambda epoch: cosine_learning_rate(epoch, t.learning_rate, t.epochs,
+                lambda epoch: cosine_learning_rate(epoch, base, t.epochs,
                                                    t.cosine_period_epochs, t.warmup_epochs,
                                                    t.min_learning_rate)))
         stopper = StopOnSignal()
@@ -531,7 +607,12 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
             # shuffle=False: the loaders draw each epoch's order themselves
             model.fit(train_data, validation_data=val_data, epochs=t.epochs,
                       initial_epoch=start, steps_per_epoch=steps, shuffle=False,
-                      callbacks=[stopper, *callbacks, keeper], verbose=verbose)
+                      callbacks=[stopper, *callbacks, keeper],
+                      verbose=verbose if replicas.chief else 0)
+        except Exception as err:
+            if replicas.processes > 1 and _lost_contact(err):
+                raise replicas.lost_process_error(err, run_dir) from None
+            raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(
                 f"training interrupted; everything up to the last finished epoch is in "
@@ -543,7 +624,8 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
     finally:
         if cfg.train.mixed_precision:
             keras.mixed_precision.set_global_policy("float32")
-    plot_curves(run_dir / "history.csv", run_dir / "curves.png")
+    if replicas.chief:
+        plot_curves(run_dir / "history.csv", run_dir / "curves.png")
     best_row = keeper.history.loc[keeper.history["epoch"] == keeper.best_epoch].iloc[0]
     best = {k: float(best_row[k]) for k in keeper.history.columns if k.startswith("val_")}
     log.info("best epoch %d (in best.keras): %s", keeper.best_epoch + 1,

@@ -151,12 +151,12 @@ def run_python(code: str, backend: str = "torch", tensorflow: bool = True,
 
 SMALL_TRAIN = ["--set", "data.max_images=96", "--set", "data.image_size=64",
                "--set", "model.backbone=resnet18", "--set", "model.weights=none",
-               "--set", "train.epochs=2", "--set", "train.batch_size=16"]
+               "--set", "train.epochs=1", "--set", "train.batch_size=16"]
 
 
 @pytest.fixture(scope="session")
 def backend_runs(tmp_path_factory, bulk_dir) -> tuple[Path, dict[str, str]]:
-    """One small run per backend (ResNet18, 64 px, 2 epochs, the study's augmentation):
+    """One small run per backend (ResNet18, 64 px, 1 epoch, the study's augmentation):
     torch (image only) and JAX (with the sex input) where TensorFlow cannot be imported,
     TensorFlow (with the sex input, on the PyDataset loader: TensorFlow with tf.data
     trains in test_train) where it can. ``(folder, {backend: train's log})``;

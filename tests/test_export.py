@@ -46,7 +46,7 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
     meta = json.loads((deploy / "model.json").read_text())
     use_sex = meta["use_sex"]
     assert meta["input_size"] == 64 and meta["channels"] == 1
-    assert meta["preprocessing"]["resize"] == "pad" and meta["training"]["epochs"] == 2
+    assert meta["preprocessing"]["resize"] == "pad" and meta["training"]["epochs"] == 1
     paths = [str(bulk_dir / "images" / f"{i}.png") for i in IDS]
     male = np.ones((len(paths), 1), "float32")      # all male: what --sex M gives
     np.save(exported / "male.npy", male)

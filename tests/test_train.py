@@ -34,7 +34,7 @@ def test_cli_train_writes_complete_run(tmp_path, bulk_dir):
     proc = run_cli(["train", "--config", "configs/default.yaml", "--data-dir", str(bulk_dir),
                     "--set", "data.max_images=96", "--set", "data.image_size=32",
                     "--set", "model.backbone=resnet50",
-                    "--set", "model.weights=none", "--set", "train.epochs=2",
+                    "--set", "model.weights=none", "--set", "train.epochs=1",
                     "--set", "train.batch_size=16", "--set", "data.loader=tfdata",
                     "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=run"],
                    backend="tensorflow")
@@ -44,7 +44,7 @@ def test_cli_train_writes_complete_run(tmp_path, bulk_dir):
     for name in RUN_FILES:
         assert (run / name).is_file(), name
     history = pd.read_csv(run / "history.csv")
-    assert history["epoch"].tolist() == [0, 1]
+    assert history["epoch"].tolist() == [0]
     assert {"val_mae", "val_tolerance_accuracy", "learning_rate"} <= set(history.columns)
     split = pd.read_csv(run / "split.csv", dtype={"id": str})
     assert list(split.columns) == ["id", "boneage", "male", "split"] and len(split) == 96
@@ -53,24 +53,12 @@ def test_cli_train_writes_complete_run(tmp_path, bulk_dir):
     expected = split_table(table, "random", 0.1, 0.0, seed=42)
     assert split["split"].tolist() == expected["split"].tolist()
     assert split["id"].tolist() == expected["id"].tolist()
-    # best.keras reloads in a fresh TensorFlow process and here, on torch, alike
-    code = ("import numpy as np; from boneage_keras.model import load_model;"
-            f"m = load_model(r'{run / 'best.keras'}');"
-            "x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1));"
-            "p = m.predict(x, verbose=0);"
-            "assert np.isfinite(p).all() and p.shape == (4, 1), p;"
-            "import json; print(json.dumps(p.ravel().tolist()))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, env={**os.environ, "KERAS_BACKEND": "tensorflow"},
-                         timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    on_tensorflow = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    # best.keras reloads here, on torch (every backend alike: test_backends)
     from boneage_keras.model import load_model
 
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1))
     on_torch = load_model(run / "best.keras").predict(x, verbose=0).ravel()
     assert ((0 < on_torch) & (on_torch < 300)).all()
-    np.testing.assert_allclose(on_torch, on_tensorflow, atol=0.01)
 
 
 def test_interrupted_run_resumes_without_losing_epochs(tmp_path, bulk_dir):

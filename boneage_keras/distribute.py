@@ -13,7 +13,8 @@ processes); ``train.batch_size`` stays the global batch, each replica computing 
     TensorFlow   ``tf.distribute.MirroredStrategy`` over this machine's GPUs (or
                  ``distribute.cpu_devices`` logical CPUs); ``distribute.sync_batchnorm``
                  synchronizes batch statistics. One machine only: with TF_CONFIG set
-                 (MultiWorkerMirroredStrategy) it refuses, see _setup_tensorflow.
+                 (MultiWorkerMirroredStrategy) it refuses: Keras 3.15's trainer fails
+                 under that strategy (see _setup_tensorflow).
     torch        one process per GPU, launched by ``torchrun``; every step's gradients are
                  averaged with ``torch.distributed`` (NCCL on GPUs, gloo on CPUs) in one
                  flat all-reduce before the optimizer applies them. Batch statistics are
@@ -314,11 +315,16 @@ def _setup_tensorflow(cfg: Config) -> Replicas:
 
     d = cfg.distribute
     if "TF_CONFIG" in os.environ:
-        # MultiWorkerMirroredStrategy would re-shard the per-process input this package
-        # feeds; not wired yet, so refused rather than run with doubled shards
-        raise DistributeError("TF_CONFIG is set: multi-worker TensorFlow is not supported "
-                              "yet; train across machines with JAX (distribute.coordinator)"
-                              " or torch (torchrun --nnodes), or unset TF_CONFIG for one "
+        # Tried (2 workers on localhost): Keras 3.15's TensorFlow trainer fails under
+        # MultiWorkerMirroredStrategy twice over - its symbolic build averages the first
+        # batch with strategy.reduce ("Attempt to convert a value (PerReplica ...) to a
+        # Tensor"), and its multi-worker log reduction averages scalar metrics over
+        # axis 0 ("Invalid reduction dimension 0 for input with 0 dimensions"). Refused
+        # until Keras fixes it, rather than patched from outside.
+        raise DistributeError("TF_CONFIG is set: multi-worker TensorFlow fails inside "
+                              "Keras 3.15 (MultiWorkerMirroredStrategy in its trainer); "
+                              "train across machines with JAX (distribute.coordinator) or "
+                              "torch (torchrun --nnodes), or unset TF_CONFIG for one "
                               "machine's GPUs.")
     if d.cpu_devices:
         cpu = tf.config.list_physical_devices("CPU")[0]

@@ -249,3 +249,18 @@ def test_torchrun_two_processes_a_killed_one_and_the_restart(tmp_path, bulk_dir)
     assert "resuming at epoch 3" in one.stderr
     assert len(pd.read_csv(run / "history.csv")) == 3
     assert json.loads((run / "run.json").read_text())["replicas"] == 1
+
+
+def test_multi_worker_tensorflow_is_refused_in_one_line(tmp_path, bulk_dir):
+    """TF_CONFIG (MultiWorkerMirroredStrategy) fails inside Keras 3.15's trainer: the
+    package says so and what to use instead, with exit code 2 and no traceback."""
+    tf_config = json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
+                            "task": {"type": "worker", "index": 0}})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "train", "--config", "cpu-bench",
+         "--data-dir", str(bulk_dir), *TINY, "--set", f"train.output_dir={tmp_path}"],
+        cwd=REPO, env={**backend_env("tensorflow"), "TF_CONFIG": tf_config},
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "TF_CONFIG is set: multi-worker TensorFlow fails inside Keras" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())

@@ -264,3 +264,48 @@ def test_multi_worker_tensorflow_is_refused_in_one_line(tmp_path, bulk_dir):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "TF_CONFIG is set: multi-worker TensorFlow fails inside Keras" in proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_jax_killed_process_stops_the_other_and_the_run_resumes_on_one(tmp_path, bulk_dir):
+    """JAX over 2 processes, no launcher: SIGKILL to process 1 after epoch 1; process 0
+    stops within two minutes naming it (our line after gloo's connection error, or
+    JAX's own heartbeat report); then one process resumes the run at epoch 2."""
+    port = _free_port()
+    common = ["--set", "train.epochs=2", "--set", f"train.output_dir={tmp_path}",
+              "--set", "train.run_name=r", "--set", "distribute.timeout_s=20",
+              "--set", f"distribute.coordinator=127.0.0.1:{port}",
+              "--set", "distribute.num_processes=2"]
+    procs = [subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "train", "--config", "cpu-bench",
+         "--data-dir", str(bulk_dir), *TINY, *common,
+         "--set", f"distribute.process_id={i}"],
+        cwd=REPO, env=backend_env("jax"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True) for i in range(2)]
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "r" / "history.csv").is_file() and time.time() < deadline:
+            time.sleep(0.5)
+        assert (tmp_path / "r" / "history.csv").is_file(), "epoch 1 never finished"
+        procs[1].kill()
+        killed = time.time()
+        _, err = procs[0].communicate(timeout=180)
+        stopped = time.time() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    print(f"process 0 stopped {stopped:.1f} s after the kill")
+    assert procs[0].returncode != 0 and stopped < 120
+    assert "process 0 of 2 lost process 1" in err or "task 1 heartbeat timeout" in \
+        err.lower(), err[-3000:]
+    one = subprocess.run([sys.executable, str(REPO / "cli.py"), "train", "--resume",
+                          str(tmp_path / "r"), "--set", "distribute.strategy=none",
+                          "--set", "distribute.num_processes=null",
+                          "--set", "distribute.coordinator=null",
+                          "--set", "distribute.process_id=null"],
+                         cwd=REPO, env=backend_env("jax"), capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resuming at epoch 2" in one.stderr
+    assert len(pd.read_csv(tmp_path / "r" / "history.csv")) == 2
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["replicas"] == 1

@@ -34,9 +34,9 @@ class FriendlyGroup(click.Group):
             if not isinstance(err, BoneAgeError):
                 raise
             click.echo(f"error: {err}", err=True)
-            from boneage_keras.distribute import DistributeError
+            from boneage_keras.distribute import LostProcess
 
-            if isinstance(err, DistributeError):   # skip the collectives' shut-down,
+            if isinstance(err, LostProcess):   # skip the collectives' shut-down,
                 sys.stdout.flush()                  # which would wait for the lost one
                 sys.stderr.flush()
                 os._exit(2)

@@ -109,18 +109,15 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
         for _ in range(warmup):
             model.train_on_batch(x, y)
         model.fit(warm, verbose=0, callbacks=callbacks)
-        bare, fitted = [], []
-        for _ in range(rounds):   # alternate, so drifts hit both alike; report medians
-            _sync()
-            start = time.perf_counter()
+        def bare_steps() -> None:
             for _ in range(steps):
                 model.train_on_batch(x, y)
-            _sync()
-            bare.append((time.perf_counter() - start) / steps)
-            start = time.perf_counter()
-            model.fit(data, epochs=1, verbose=0, callbacks=callbacks)
-            _sync()
-            fitted.append((time.perf_counter() - start) / steps)
+
+        bare, fitted = [], []
+        for _ in range(rounds):   # alternate, so drifts hit both alike; report medians
+            bare.append(_seconds(bare_steps) / steps)
+            fitted.append(_seconds(lambda: model.fit(data, epochs=1, verbose=0,
+                                                     callbacks=callbacks)) / steps)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     tob, fit = float(np.median(bare)), float(np.median(fitted))
@@ -134,13 +131,8 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
 def _fit_images_per_s(model: keras.Model, x: np.ndarray, y: np.ndarray, global_batch: int,
                       steps: int, rounds: int = 3) -> float:
     model.fit(_SameBatch(x, y, 2), verbose=0)            # compile and warm up
-    times = []
-    for _ in range(rounds):
-        _sync()
-        start = time.perf_counter()
-        model.fit(_SameBatch(x, y, steps), verbose=0)
-        _sync()
-        times.append(time.perf_counter() - start)
+    times = [_seconds(lambda: model.fit(_SameBatch(x, y, steps), verbose=0))
+             for _ in range(rounds)]
     return global_batch * steps / float(np.median(times))
 
 
@@ -175,6 +167,15 @@ def replica_scaling(cfg: Config, steps: int = 10) -> dict[str, Any]:
         out["speedup"] = round(out["replicas_images_per_s"]
                                / out["one_replica_images_per_s"], 3)
     return out
+
+
+def _seconds(work: Any) -> float:
+    """Wall seconds of ``work()``, the GPU's queue drained before and after."""
+    _sync()
+    start = time.perf_counter()
+    work()
+    _sync()
+    return time.perf_counter() - start
 
 
 def _sync() -> None:

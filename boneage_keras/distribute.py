@@ -54,6 +54,11 @@ class DistributeError(BoneAgeError, RuntimeError):
     """Replicas cannot be set up, or a process of a distributed run was lost."""
 
 
+class LostProcess(DistributeError):
+    """Another process of this run went away mid-step: this one stops (its collectives'
+    shut-down would wait for the lost one, so the CLI exits at once)."""
+
+
 def shard(order: np.ndarray, global_batch: int, processes: int, index: int) -> np.ndarray:
     """Process ``index``'s part of one epoch's ``order`` (positions into the split),
     in steps of ``global_batch // processes``.
@@ -145,22 +150,15 @@ class Replicas:
         return contextlib.nullcontext()
 
     def agree_text(self, text: str) -> str:
-        """The chief's ``text`` in every process (e.g. a run name with a timestamp)."""
-        if self.processes == 1:
-            return text
-        from jax.experimental import multihost_utils
+        """The chief's ``text`` in every process (e.g. a run name with a timestamp);
+        one process: ``text`` itself."""
+        return text
 
-        data = np.zeros(1024, np.uint8)
-        raw = text.encode()[:1024]
-        data[:len(raw)] = np.frombuffer(raw, np.uint8)
-        agreed = np.asarray(multihost_utils.broadcast_one_to_all(data))
-        return bytes(agreed.astype(np.uint8)).rstrip(b"\0").decode()
-
-    def lost_process_error(self, err: BaseException, run_dir: Any) -> DistributeError:
+    def lost_process_error(self, err: BaseException, run_dir: Any) -> LostProcess:
         others = [i for i in range(self.processes) if i != self.index]
         lost = f"process {others[0]}" if len(others) == 1 else \
             "one of processes " + ", ".join(map(str, others))
-        return DistributeError(
+        return LostProcess(
             f"{self.name} lost {lost} ({str(err).splitlines()[0][:160]}); this process "
             f"stops. Everything up to the last finished epoch is in {run_dir}: continue "
             f"with `cli.py train --resume {run_dir}` (any number of replicas), or let "
@@ -232,6 +230,7 @@ class _JaxReplicas(Replicas):
             yield
         finally:
             keras.distribution.set_distribution(distribution)
+
     @contextlib.contextmanager
     def local_values(self, model: keras.Model) -> Any:
         """Over several processes a variable is a global array, and reading one (as
@@ -255,6 +254,17 @@ class _JaxReplicas(Replicas):
         finally:
             for v, value in zip(variables, saved):
                 v._value = value
+
+    def agree_text(self, text: str) -> str:
+        if self.processes == 1:
+            return text
+        from jax.experimental import multihost_utils
+
+        data = np.zeros(1024, np.uint8)
+        raw = text.encode()[:1024]
+        data[:len(raw)] = np.frombuffer(raw, np.uint8)
+        agreed = np.asarray(multihost_utils.broadcast_one_to_all(data))
+        return bytes(agreed.astype(np.uint8)).rstrip(b"\0").decode()
 
 
 def _setup_jax(cfg: Config) -> Replicas:
@@ -302,9 +312,9 @@ def _setup_jax(cfg: Config) -> Replicas:
                                                    auto_shard_dataset=False)
     keras.distribution.set_distribution(distribution)
     return _JaxReplicas(backend="jax", strategy="data_parallel",
-                    engine="keras.distribution.DataParallel", replicas=len(all_devices),
-                    processes=jax.process_count(), index=jax.process_index(),
-                    devices=[str(x) for x in all_devices])
+                        engine="keras.distribution.DataParallel",
+                        replicas=len(all_devices), processes=jax.process_count(),
+                        index=jax.process_index(), devices=[str(x) for x in all_devices])
 
 
 # --- TensorFlow --------------------------------------------------------------------
@@ -387,7 +397,7 @@ class _TorchReplicas(Replicas):
             # read the results, then give each process its own state back
             states = [v for m in model.metrics for v in m.variables]
             local = [v.value.data.clone() for v in states]
-            for v, total in zip(states, _all_reduce_sum([t for t in local])):
+            for v, total in zip(states, _all_reduce_sum(local)):
                 v.value.data.copy_(total)
             try:
                 return results()

@@ -233,10 +233,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
             return self._shard_batch(index)
         bs = self.cfg.train.batch_size
         idx = self.order[index * bs:(index + 1) * bs]
-        d = self.cfg.data
-        decoded = [self.reader(self.paths[i], d.image_size, geometry(d),
-                               self.cfg.augment.random_crop, center=not self.random_crop)
-                   for i in idx]
+        decoded = [self._read(i) for i in idx]
         idx = np.array([i for i, image in zip(idx, decoded) if image is not None], int)
         if not len(idx):
             raise ImageError(f"no image of batch {index} decodes (first: "
@@ -246,6 +243,12 @@ class BoneAgeDataset(keras.utils.PyDataset):
         if self.augmenter is not None:
             images = self.augmenter.augment_batch(images, self.epoch, index)
         return _pack(images, self.male[idx], self.labels[idx], self.cfg.model.use_sex)
+
+    def _read(self, i: int) -> np.ndarray | None:
+        """Image ``i`` decoded (None if it failed, see :class:`TolerantReader`)."""
+        d = self.cfg.data
+        return self.reader(self.paths[i], d.image_size, geometry(d),
+                           self.cfg.augment.random_crop, center=not self.random_crop)
 
     def _shard_batch(self, index: int) -> tuple[Any, Any, np.ndarray]:
         """Step ``index`` of this process's shard: a full batch whose padding (and any
@@ -263,8 +266,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
         for j, i in enumerate(self.positions[index * per:(index + 1) * per]):
             if i < 0:
                 continue
-            image = self.reader(self.paths[i], d.image_size, geometry(d),
-                                self.cfg.augment.random_crop, center=not self.random_crop)
+            image = self._read(i)
             if image is not None:
                 images[j], male[j], labels[j], weights[j] = image, self.male[i], \
                     self.labels[i], 1.0

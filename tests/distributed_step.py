@@ -1,6 +1,6 @@
 """One optimizer step on N replicas against the same step on one device (test helper).
 
-    python tests/distributed_step.py BULK_DIR [--bn] [-- CLI ARGS...]
+    python tests/distributed_step.py BULK_DIR [--bn] [-- CLI ARGS... [-- CLI ARGS...]]
 
 Runs in every process of a distributed job (torchrun, or alone for JAX/TensorFlow
 devices in one process). The step: plain SGD on a small conv net over 8 real RSNA
@@ -9,8 +9,9 @@ prepared by boneage_keras.distribute; the reference is the same step, same weigh
 same batch, on one device without the distribution. Prints one JSON line
 ``@@STEP@@{"max_diff": ..., "moved": ..., "replicas": ..., "processes": ...}``.
 With ``--bn`` the net has a batch normalization layer (synchronized: JAX by
-construction, TensorFlow with distribute.sync_batchnorm). After ``--``, the rest is a
-``cli.py`` command run in the same processes (the distribution already set up).
+construction, TensorFlow with distribute.sync_batchnorm). After ``--``, each group of
+arguments is a ``cli.py`` command run in the same processes (the distribution already
+set up).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def small_net(bn: bool) -> keras.Model:
 
 
 def main(argv: list[str]) -> None:
-    cli_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    groups = " ".join(argv).split(" -- ")   # (paths here have no spaces)
+    argv, commands = groups[0].split(), [g.split() for g in groups[1:]]
     bulk, bn = Path(argv[0]), "--bn" in argv
     backend = keras.backend.backend()
     overrides = ["model.use_sex=false", "data.image_size=32", "train.batch_size=8",
@@ -81,10 +82,11 @@ def main(argv: list[str]) -> None:
         "moved": max(float(np.abs(a - b).max()) for a, b in zip(expected, start)),
         "replicas": replicas.replicas, "processes": replicas.processes,
         "process": replicas.index}), flush=True)
-    if cli_args:
+    if commands:
         import cli
 
-        cli.cli.main(cli_args, standalone_mode=False)
+        for command in commands:
+            cli.cli.main(command, standalone_mode=False)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import pytest
 from conftest import REPO, backend_env
 
 from boneage_keras.config import ConfigError, geometry, load_config
-from boneage_keras.distribute import Replicas, effective_learning_rate, shard
+from boneage_keras.distribute import Replicas, shard
 from boneage_keras.images import load_image
 from boneage_keras.loaders import BoneAgeDataset
+from boneage_keras.train import make_optimizer
 
 STEP = str(REPO / "tests" / "distributed_step.py")
 TINY = ["--set", "model.backbone=resnet18", "--set", "model.weights=none",
@@ -125,7 +126,7 @@ def test_settings_refused_without_data_parallel_and_lr_scaling():
     cfg = load_config("cpu-bench", ["train.batch_size=256", "distribute.scale_lr=linear",
                                     "distribute.lr_batch_size=64",
                                     "train.learning_rate=0.001"])
-    assert effective_learning_rate(cfg) == pytest.approx(0.004)
+    assert float(make_optimizer(cfg).learning_rate) == pytest.approx(0.004)
     with pytest.raises(ConfigError, match="distribute.timeout_s"):
         load_config("cpu-bench", ["distribute.timeout_s=1"])
 
@@ -133,28 +134,39 @@ def test_settings_refused_without_data_parallel_and_lr_scaling():
 # --- one step on two replicas equals the step on one device; training -----------------
 
 
-def _step_then(backend: str, bulk_dir: Path, cli_args: list[str]) -> dict:
+def _step_then(backend: str, bulk_dir: Path, *commands: list[str]) -> str:
+    """Run the step check, then ``commands`` in the same process; its stdout."""
     proc = subprocess.run([sys.executable, STEP, str(bulk_dir), "--bn",
-                           *(["--", *cli_args] if cli_args else [])],
+                           *[a for c in commands for a in ("--", *c)]],
                           cwd=REPO, env=backend_env(backend), capture_output=True,
                           text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (step,) = _steps(proc.stdout)
     assert step["replicas"] == 2 and step["moved"] > 1e-3
     assert step["max_diff"] < 1e-5, step
-    return step
+    return proc.stdout
 
 
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
 def test_two_devices_in_one_process(tmp_path, bulk_dir, backend):
     """JAX (keras.distribution) and TensorFlow (MirroredStrategy) over 2 CPU devices:
     the step with batch normalization (global on JAX by construction, synchronized on
-    TensorFlow) matches one device; then a CLI training on real images."""
+    TensorFlow) matches one device; then a CLI training on real images, and (JAX)
+    bench's one-replica and two-replica figures."""
     sync = ["--set", "distribute.sync_batchnorm=true"] if backend == "tensorflow" else []
-    _step_then(backend, bulk_dir, [
-        "train", "--config", "cpu-bench", "--data-dir", str(bulk_dir), *TINY, *sync,
-        "--set", "distribute.cpu_devices=2", "--set", "train.epochs=1",
-        "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=r"])
+    two = [*TINY, *sync, "--set", "distribute.cpu_devices=2"]
+    bench = [["bench", "--config", "cpu-bench", *two, "--steps", "1"]] \
+        if backend == "jax" else []          # one backend is enough for the figures
+    out = _step_then(
+        backend, bulk_dir,
+        ["train", "--config", "cpu-bench", "--data-dir", str(bulk_dir), *two,
+         "--set", "train.epochs=1", "--set", f"train.output_dir={tmp_path}",
+         "--set", "train.run_name=r"], *bench)
+    if bench:
+        scaling = json.loads(out[out.index("{\n"):])["replica_scaling"]
+        assert (scaling["replicas"], scaling["processes"]) == (2, 1)
+        assert scaling["one_replica_images_per_s"] > 0
+        assert scaling["replicas_images_per_s"] > 0
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert (info["replicas"], info["processes"], info["status"]) == (2, 1, "finished")
     assert info["distribute"]["engine"] == {

@@ -81,15 +81,32 @@ class _SameBatch(keras.utils.PyDataset):
         return self.x, self.y
 
 
+def _random_batch(cfg: Config) -> tuple[Any, np.ndarray]:
+    """A batch of random images and ages shaped as the model takes them (with the sex
+    input as ``{"image", "male"}`` where the model has it)."""
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
+    y = rng.uniform(0, 230, (batch,)).astype(np.float32)
+    if cfg.model.use_sex:
+        male = rng.integers(0, 2, (batch, 1)).astype(np.float32)
+        return {"image": x, "male": male}, y
+    return x, y
+
+
+def _rows(x: Any, first: int, n: int) -> Any:
+    if isinstance(x, dict):
+        return {key: value[first:first + n] for key, value in x.items()}
+    return x[first:first + n]
+
+
 def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
                rounds: int = 3) -> dict[str, Any]:
     """ms per training step: our path (``model.fit`` with the per-batch callback
     ``train`` adds, over a tf.data dataset where TensorFlow is installed, else a
     PyDataset) vs a bare ``train_on_batch`` on the same model and batch."""
-    size, batch = cfg.data.image_size, cfg.train.batch_size
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
-    y = rng.uniform(0, 230, (batch,)).astype(np.float32)
+    batch = cfg.train.batch_size
+    x, y = _random_batch(cfg)
     if cfg.train.mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision_policy())
     try:
@@ -145,10 +162,8 @@ def replica_scaling(cfg: Config, steps: int = 10) -> dict[str, Any]:
     from .distribute import setup
 
     replicas = setup(cfg)
-    size, batch = cfg.data.image_size, cfg.train.batch_size
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
-    y = rng.uniform(0, 230, (batch,)).astype(np.float32)
+    batch = cfg.train.batch_size
+    x, y = _random_batch(cfg)
     out: dict[str, Any] = {"replicas": replicas.replicas, "processes": replicas.processes,
                            "engine": replicas.engine}
     if replicas.processes == 1:
@@ -162,7 +177,7 @@ def replica_scaling(cfg: Config, steps: int = 10) -> dict[str, Any]:
     local = replicas.process_batch(batch)
     first = replicas.index * local
     out["replicas_images_per_s"] = round(_fit_images_per_s(
-        model, x[first:first + local], y[first:first + local], batch, steps), 2)
+        model, _rows(x, first, local), y[first:first + local], batch, steps), 2)
     if "one_replica_images_per_s" in out:
         out["speedup"] = round(out["replicas_images_per_s"]
                                / out["one_replica_images_per_s"], 3)

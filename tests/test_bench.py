@@ -14,6 +14,7 @@ def test_bench_prints_pipeline_and_step_figures(sample_dir, tmp_path):
         ["bench", "--data-dir", sample_dir, "--images", "24", "--steps", "2",
          "--set", "model.backbone=resnet18", "--set", "model.weights=imagenet",
          "--set", "data.image_size=48", "--set", "train.batch_size=8",
+         "--set", "model.use_sex=true",        # the step is timed on {image, male}
          "--set", f"data.cache_dir={cache_dir}"]])
     assert prepared.returncode == 0 and proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(proc.stdout)

@@ -34,7 +34,7 @@ from .files import check_output_dir, write_json
 from .train import read_state, resume, run_complete, train
 
 log = logging.getLogger(__name__)
-DEFAULT_VARIANTS = ("image=cpu-bench", "image+sex=cpu-bench,model.use_sex=true")
+DEFAULT_VARIANTS = ("image=cpu-bench,model.use_sex=false", "image+sex=cpu-bench")
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -95,7 +95,7 @@ class TrainConfig:
     loss: Literal["mae", "mse", "huber"] = "mae"
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     cosine_period_epochs: int | None = None  # None: one decay over all epochs
-    warmup_epochs: int = 0
+    warmup_epochs: int = 0  # epoch k of the first N at k/N of the rate (N=1: one full-rate epoch)
     min_learning_rate: float = 0.0
     early_stopping_patience: int | None = 7
     tolerance_months: float = 12.0
@@ -277,8 +277,9 @@ def _validate(cfg: Config) -> None:
           "train.min_learning_rate", t.min_learning_rate, "0 <= x < train.learning_rate")
     check(t.cosine_period_epochs is None or t.cosine_period_epochs >= 1,
           "train.cosine_period_epochs", t.cosine_period_epochs, "null or an integer >= 1")
-    check(0 <= t.warmup_epochs < t.epochs, "train.warmup_epochs", t.warmup_epochs,
-          "an integer 0 <= x < train.epochs")
+    # <= (not <): a recipe with a warm-up still runs with train.epochs=1 for a quick try
+    check(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs,
+          "an integer 0 <= x <= train.epochs")
     check(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
           "train.early_stopping_patience", t.early_stopping_patience,
           "null (off) or an integer >= 1")

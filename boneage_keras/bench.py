@@ -94,12 +94,6 @@ def _random_batch(cfg: Config) -> tuple[Any, np.ndarray]:
     return x, y
 
 
-def _rows(x: Any, first: int, n: int) -> Any:
-    if isinstance(x, dict):
-        return {key: value[first:first + n] for key, value in x.items()}
-    return x[first:first + n]
-
-
 def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
                rounds: int = 3) -> dict[str, Any]:
     """ms per training step: our path (``model.fit`` with the per-batch callback
@@ -177,7 +171,8 @@ def replica_scaling(cfg: Config, steps: int = 10) -> dict[str, Any]:
     local = replicas.process_batch(batch)
     first = replicas.index * local
     out["replicas_images_per_s"] = round(_fit_images_per_s(
-        model, _rows(x, first, local), y[first:first + local], batch, steps), 2)
+        model, keras.tree.map_structure(lambda v: v[first:first + local], x),
+        y[first:first + local], batch, steps), 2)
     if "one_replica_images_per_s" in out:
         out["speedup"] = round(out["replicas_images_per_s"]
                                / out["one_replica_images_per_s"], 3)

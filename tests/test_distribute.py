@@ -155,9 +155,9 @@ def test_two_devices_in_one_process(tmp_path, bulk_dir, backend):
     bench's one-replica and two-replica figures."""
     sync = ["--set", "distribute.sync_batchnorm=true"] if backend == "tensorflow" else []
     two = [*TINY, *sync, "--set", "distribute.cpu_devices=2"]
-    # one backend is enough for the figures; with the sex input (a dict batch)
-    bench = [["bench", "--config", "cpu-bench", *two, "--set", "model.use_sex=true",
-              "--steps", "1"]] if backend == "jax" else []
+    # one backend is enough for the figures (cpu-bench has the sex input: a dict batch)
+    bench = [["bench", "--config", "cpu-bench", *two, "--steps", "1"]] \
+        if backend == "jax" else []
     out = _step_then(
         backend, bulk_dir,
         ["train", "--config", "cpu-bench", "--data-dir", str(bulk_dir), *two,

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("data") / "rsna-bone-age"
 KAGGLE_DATASET = "kmader/rsna-bone-age"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".dcm")
 AGE_GROUPS = ((0, 60), (61, 120), (121, 180), (181, 240))
 CACHE_DIRNAME = ".boneage-cache"   # prepared images and the decode record live here
 CACHE_ENV = "BONEAGE_CACHE_DIR"

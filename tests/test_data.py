@@ -128,6 +128,27 @@ def test_real_sample_loads(sample_dir):
     assert all(Path(p).is_file() for p in table["path"])
 
 
+def test_lossless_webp_reads_as_the_png(bulk_dir, tmp_path):
+    """WebP (what scripts/pack-webp.py carries to a GPU machine) is found and decoded
+    to the PNG's own pixels."""
+    from PIL import Image
+
+    from boneage_keras.images import read_gray
+
+    labels = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str}).head(5)
+    (tmp_path / "images").mkdir()
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    for image_id in labels["id"]:
+        Image.open(bulk_dir / "images" / f"{image_id}.png").save(
+            tmp_path / "images" / f"{image_id}.webp", lossless=True)
+    table, report, _ = load_dataset(tmp_path)
+    assert report.rows_kept == 5
+    for path, image_id in zip(table["path"], table["id"]):
+        assert path.endswith(".webp")
+        png = read_gray(bulk_dir / "images" / f"{image_id}.png")
+        assert np.array_equal(read_gray(path), png)
+
+
 def test_splits_are_deterministic_and_stratified(bulk_dir):
     labels = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})
     a = split_table(labels, "stratified", 0.1, 0.1, seed=3)

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The two reference studies at their full epoch counts on one GPU (issue 12, items 4-5),
+# on the 12,111 bulk-100px images at 96 px from scratch, plus a screen of CPU-recipe
+# variants (configs/cpu-bench.yaml and changes of it) run at their own epoch counts.
+# All runs go concurrently on the one GPU (one process each), every run stops at the
+# deadline if it has not finished (its last complete epoch stays, as after any kill),
+# and each is then evaluated on its held-out split. Nothing but this script's runs is
+# written, under OUT.
+#
+#   bash benchmarks/gpu_studies.sh DATA_DIR OUT [TRAIN_SECONDS]
+#
+# DATA_DIR: labels.csv + images/ (PNG or WebP; scripts/pack-webp.py packs them to carry).
+# With the device tool (README, "The two studies on a GPU"): carry .whl and .gpu-data.
+set -uo pipefail
+DATA=${1:?DATA_DIR}
+OUT=${2:?OUT}
+TRAIN_SECONDS=${3:-400}
+RUNS="$OUT/runs"
+CACHE=${CACHE:-/tmp/boneage-gpu-cache}
+export KERAS_BACKEND=${KERAS_BACKEND:-jax}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+mkdir -p "$RUNS" "$OUT/logs"
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+
+if [ "$KERAS_BACKEND" = jax ] && [ -z "${ALLOW_CPU:-}" ] && ! python3 -c \
+    "import jax, sys; sys.exit(jax.devices()[0].platform != 'gpu')"; then
+  echo "JAX sees no GPU here: the torch backend instead"
+  export KERAS_BACKEND=torch
+fi
+stamp "backend $KERAS_BACKEND; $(nvidia-smi -L 2>/dev/null | head -1)"
+python3 -c "import keras; print('keras', keras.__version__, keras.backend.backend())" || exit 1
+python3 cli.py prepare --data-dir "$DATA" --size 96 --resize stretch --cache-dir "$CACHE" \
+  >"$OUT/logs/prepare.log" 2>&1 || { tail -5 "$OUT/logs/prepare.log"; exit 1; }
+stamp "cache ready"
+
+COMMON=(--data-dir "$DATA" --set data.image_size=96 --set data.resize=stretch
+        --set "data.cache_dir=$CACHE" --set model.weights=none --set "train.output_dir=$RUNS"
+        ${EXTRA_SETS:-})   # e.g. EXTRA_SETS="--set data.max_images=300" for a smoke test
+# study 1 on the ResNet18 study's 80/10/10 stratified split (same seed: the same images)
+SPLIT=(--set data.split=stratified --set data.val_fraction=0.1 --set data.test_fraction=0.1)
+
+train() {  # name config workers [--set ...]
+  local name=$1 config=$2 workers=$3
+  shift 3
+  python3 cli.py train --config "$config" "${COMMON[@]}" --set "data.workers=$workers" \
+    --set "train.run_name=$name" "$@" >"$OUT/logs/$name.log" 2>&1
+  stamp "$name ended (exit $?)"
+}
+
+train baseline resnet18-baseline 3 &
+train improved resnet18-improved 6 &
+train study1 default 5 "${SPLIT[@]}" &
+(  # the CPU-recipe screen, one after another
+  train cpu-bench cpu-bench 2
+  train cpu-bench-b16 cpu-bench 2 --set train.batch_size=16 --set train.epochs=19
+  train cpu-bench-lr2e-3 cpu-bench 2 --set train.learning_rate=0.002
+  train cpu-bench-mse cpu-bench 2 --set train.loss=mse
+) &
+screen=$!
+
+# stop whatever still trains at the deadline
+while (( $(date +%s) - start < TRAIN_SECONDS )) && pgrep -f "cli.py train" >/dev/null; do
+  sleep 5
+done
+if pgrep -f "cli.py train" >/dev/null; then
+  stamp "deadline: stopping the runs still training"
+  kill "$screen" 2>/dev/null
+  pkill -INT -f "cli.py train"; sleep 15; pkill -KILL -f "cli.py train"
+fi
+wait
+stamp "training over"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null
+
+for run in "$RUNS"/*/; do
+  name=$(basename "$run")
+  [ -f "$run/best.keras" ] || { stamp "$name: no finished epoch"; continue; }
+  python3 cli.py evaluate "$run" --out "$run/eval" >"$OUT/logs/eval-$name.log" 2>&1 &
+done
+wait
+stamp "evaluated"
+for run in "$RUNS"/*/; do
+  name=$(basename "$run")
+  echo "== $name: $(wc -l <"$run/history.csv" 2>/dev/null) lines of history"
+  tail -2 "$run/history.csv" 2>/dev/null
+  python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print({k: m.get(k) for k in ('title','n','mae','rmse','r2','tolerance_accuracy')})" \
+    "$run/eval/metrics.json" 2>/dev/null
+done
+python3 cli.py compare "$RUNS/baseline/eval" "$RUNS/improved/eval" 2>&1 | head -3
+# the runs without their model files (too large to carry back), one archive
+tar czf "$OUT/gpu-runs.tgz" --exclude='*.keras' --exclude='*.h5' -C "$OUT" runs logs
+stamp "done"

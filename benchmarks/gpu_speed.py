@@ -397,18 +397,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         _child(args)
         return
-    rows = _spawn("native", "torch", args, [])
     extra = ["--profile-dir", args.profile_dir] if args.profile_dir else []
-    for backend in args.backends.split(","):
-        rows += _spawn("keras", backend, args, extra)
+    contenders = [("native", "torch", [])]
+    contenders += [("keras", backend, extra) for backend in args.backends.split(",")]
     if not args.no_pipeline:
-        rows += _spawn("pipeline", args.backends.split(",")[0], args, [])
-    rows = with_ratios(rows)
-    report = {"date": time.strftime("%Y-%m-%d"), "size": args.size, "rows": rows,
-              "machine": _machine()}
-    print(table(rows))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        contenders.append(("pipeline", args.backends.split(",")[0], []))
+    rows: list[dict] = []
+    for done, (mode, backend, flags) in enumerate(contenders, start=1):
+        rows = with_ratios(rows + _spawn(mode, backend, args, flags))
+        # the figures so far, after every contender: a run stopped by a time limit
+        # keeps what it measured
+        print(table(rows), flush=True)
+        if args.out:
+            report = {"date": time.strftime("%Y-%m-%d"), "size": args.size, "rows": rows,
+                      "machine": _machine(), "complete": done == len(contenders)}
+            tmp = Path(str(args.out) + ".part")
+            tmp.write_text(json.dumps(report, indent=2))
+            tmp.replace(args.out)
 
 
 def _machine() -> str:

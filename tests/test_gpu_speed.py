@@ -18,7 +18,9 @@ def test_gpu_speed_script_runs_on_cpu(tmp_path, sample_dir):
         cwd=tmp_path, env=backend_env("torch"), capture_output=True, text=True,
         timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    rows = report["rows"]
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     contenders = {(r["contender"], r["variant"], r.get("precision")) for r in rows}
     assert {("native", "eager", "fp32"), ("keras-torch", "eager", "fp32"),
@@ -33,3 +35,6 @@ def test_gpu_speed_script_runs_on_cpu(tmp_path, sample_dir):
     # every training row is compared with native at its batch size and precision
     assert all("ratio_to_native" in r for r in rows if r["contender"] != "pipeline")
     assert "| native | eager | fp32 | 2 |" in proc.stdout
+    # the table is printed after every contender (a run cut short keeps its figures):
+    # native's row first alone, last in the full table
+    assert proc.stdout.count("| native | eager | fp32 | 2 |") == 4

@@ -98,6 +98,10 @@ class TrainConfig:
     warmup_epochs: int = 0  # epoch k of the first N at k/N of the rate (N=1: one full-rate epoch)
     min_learning_rate: float = 0.0
     early_stopping_patience: int | None = 7
+    # before each validation, the backbone's batch-norm statistics are recomputed from
+    # this many batches of (unaugmented) training images with the weights as they are:
+    # the moving averages lag fast-changing weights (0: off; one replica only)
+    bn_refresh_batches: int = 8
     tolerance_months: float = 12.0
     steps_per_epoch: int | None = None
     mixed_precision: bool = False
@@ -280,6 +284,8 @@ def _validate(cfg: Config) -> None:
     # <= (not <): a recipe with a warm-up still runs with train.epochs=1 for a quick try
     check(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs,
           "an integer 0 <= x <= train.epochs")
+    check(0 <= t.bn_refresh_batches <= 1000, "train.bn_refresh_batches",
+          t.bn_refresh_batches, "an integer 0 <= x <= 1000 (0: off)")
     check(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
           "train.early_stopping_patience", t.early_stopping_patience,
           "null (off) or an integer >= 1")

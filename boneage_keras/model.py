@@ -17,6 +17,8 @@ were resized (``image_size``, ``resize``, ``crop``) for ``predict``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -210,6 +212,42 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     x = layers.Dense(1, kernel_initializer="zeros", dtype="float32", name="head_out")(x)
     months = LabelScale(label_mean, label_std, dtype="float32", name="boneage")(x)
     return keras.Model(inputs, months, name=f"boneage_{m.backbone}")
+
+
+def refresh_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
+    """Recompute the backbone's batch-normalization moving statistics from ``batches``
+    of images (as the model's ``image`` input takes them) with the weights as they are
+    now: the exact mean of the batches' statistics replaces the moving averages, which
+    lag behind weights that change fast (early epochs at a high rate), where the
+    inference-mode predictions can then be far off the training-mode ones. Nothing else
+    changes: the images pass the preprocessing in inference mode (no random crop) and
+    only the backbone (no dropout) in training mode. Returns the batches used."""
+    backbone = next((layer for layer in model.layers if isinstance(layer, keras.Model)),
+                    None)
+    if backbone is None:
+        return 0
+    norms = [layer for layer in backbone._flatten_layers(include_self=False)
+             if isinstance(layer, layers.BatchNormalization)]
+    if not norms:
+        return 0
+    preprocess = model.get_layer("preprocess")
+    momenta = [layer.momentum for layer in norms]
+    no_grad: Any = contextlib.nullcontext()
+    if keras.backend.backend() == "torch":
+        import torch
+
+        no_grad = torch.no_grad()
+    used = 0
+    try:
+        with no_grad:
+            for used, images in enumerate(batches, start=1):
+                for layer in norms:   # moving = the mean of the batches so far
+                    layer.momentum = (used - 1) / used
+                backbone(preprocess(images, training=False), training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+    return used
 
 
 def preprocessing_of(model: keras.Model) -> dict[str, Any]:

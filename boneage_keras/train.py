@@ -65,7 +65,7 @@ from .files import (
     write_text,
 )
 from .metrics import ToleranceAccuracy
-from .model import build_model
+from .model import build_model, refresh_batchnorm
 from .plots import plot_curves
 
 log = logging.getLogger(__name__)
@@ -323,6 +323,34 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 # --- the callback that owns the run's files ---------------------------------------
 
 
+class RefreshBatchNorm(keras.callbacks.Callback):
+    """Before each validation in ``fit``, the backbone's batch-norm statistics are
+    recomputed from a fixed sample of unaugmented training images (``batches``: image
+    arrays) with the current weights (``model.refresh_batchnorm``), so that validation,
+    best.keras and last.keras use statistics that match their weights."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def on_test_begin(self, logs=None) -> None:
+        refresh_batchnorm(self.model, self.batches)
+
+
+def refresh_batches(train_df: pd.DataFrame, cfg: Config, reader: Callable[..., np.ndarray],
+                    loader_class: Any) -> list[np.ndarray]:
+    """``train.bn_refresh_batches`` batches of training images, drawn once (seeded),
+    decoded without augmentation."""
+    n = min(len(train_df), cfg.train.bn_refresh_batches * cfg.train.batch_size)
+    sample = train_df.sample(n=n, random_state=cfg.train.seed)
+    data = loader_class(sample, cfg, training=False, reader=reader)
+    out = []
+    for k in range(len(data)):
+        inputs = data[k][0]
+        out.append(inputs["image"] if isinstance(inputs, dict) else inputs)
+    return out
+
+
 class RunKeeper(keras.callbacks.Callback):
     """After each finished epoch: history.csv, best.keras (when the monitored value
     improves), last.keras, then the resumable state in backup/ - each written to a
@@ -557,7 +585,7 @@ def _remove_setup(run_dir: Path, keep_log: bool) -> None:
 
 def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] | None,
          verbose: Any, replicas: Replicas) -> TrainResult:
-    from .loaders import make_loader
+    from .loaders import BoneAgeDataset, make_loader
 
     with native_stderr_silenced():   # Keras seeds TensorFlow too, if it is installed
         keras.utils.set_random_seed(cfg.train.seed + (state["epoch"] if state else 0))
@@ -593,7 +621,11 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
         val_data = make_loader(val_df, cfg, training=False, reader=reader,
                                replicas=replicas)
         keeper = RunKeeper(run_dir, cfg, twin, state, history, replicas)
-        callbacks: list[keras.callbacks.Callback] = replicas.callbacks(model)
+        callbacks: list[keras.callbacks.Callback] = []
+        if cfg.train.bn_refresh_batches and not replicas.distributed:
+            callbacks.append(RefreshBatchNorm(refresh_batches(train_df, cfg, reader,
+                                                              BoneAgeDataset)))
+        callbacks += replicas.callbacks(model)
         t = cfg.train
         if t.lr_schedule == "cosine":  # before the keeper, so its rows carry the rate
             base = effective_learning_rate(cfg)

@@ -58,6 +58,7 @@ def test_dotted_and_bare_overrides():
     ("train.steps_per_epoch=-3", ["train.steps_per_epoch", "-3"]),
     ("train.warmup_epochs=-1", ["train.warmup_epochs", "0 <= x"]),
     ("train.warmup_epochs=51", ["train.warmup_epochs", "<= train.epochs"]),
+    ("train.bn_refresh_batches=-1", ["train.bn_refresh_batches", "0 <= x <= 1000"]),
     ("train.early_stopping_patience=-2", ["train.early_stopping_patience", ">= 1"]),
     ("train.learning_rate=.inf", ["train.learning_rate", "> 0"]),
     ("train.cosine_period_epochs=0", ["train.cosine_period_epochs"]),

@@ -9,6 +9,7 @@ from boneage_keras.model import (
     build_model,
     load_model,
     preprocessing_of,
+    refresh_batchnorm,
 )
 
 
@@ -35,6 +36,36 @@ def test_linear_head_and_sex_input():
          "male": np.array([[1.0], [0.0], [1.0]], "float32")}
     assert model.predict(x, verbose=0).shape == (3, 1)
     assert preprocessing_of(model)["use_sex"] is True
+
+
+def test_refresh_batchnorm_matches_inference_to_the_weights(bulk_dir):
+    """After a refresh from one batch of real images, the backbone in inference mode
+    gives what it gives in training mode on that batch (the moving statistics are the
+    batch's); before it, a fresh model's moving statistics (0 and 1) are far off. Only
+    the moving statistics change."""
+    import pandas as pd
+    from PIL import Image
+
+    ids = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})["id"][:16]
+    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
+        (64, 64)), np.float32) for i in ids])[..., None]
+    model = build_model(_cfg("model.backbone=resnet18"))
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    x = model.get_layer("preprocess")(images, training=False)
+
+    def features(training):
+        return keras.ops.convert_to_numpy(backbone(x, training=training))
+
+    before = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    scale = np.abs(features(True)).mean()
+    assert np.abs(features(False) - features(True)).mean() > 0.1 * scale
+    assert refresh_batchnorm(model, [images]) == 1
+    np.testing.assert_allclose(features(False), features(True), atol=1e-3 * scale)
+    for w, old in zip(model.trainable_weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), old)
+    norms = [layer for layer in backbone._flatten_layers()
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.momentum == 0.9 for layer in norms)
 
 
 def test_weights_file_loads(tmp_path):

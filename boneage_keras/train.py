@@ -339,9 +339,11 @@ class RefreshBatchNorm(keras.callbacks.Callback):
 
 def refresh_batches(train_df: pd.DataFrame, cfg: Config, reader: Callable[..., np.ndarray],
                     loader_class: Any) -> list[np.ndarray]:
-    """``train.bn_refresh_batches`` batches of training images, drawn once (seeded),
-    decoded without augmentation."""
-    n = min(len(train_df), cfg.train.bn_refresh_batches * cfg.train.batch_size)
+    """``train.bn_refresh_batches`` batches of training images (no more than an epoch
+    trains on), drawn once (seeded), decoded without augmentation."""
+    t = cfg.train
+    batches = min(t.bn_refresh_batches, t.steps_per_epoch or t.bn_refresh_batches)
+    n = min(len(train_df), batches * t.batch_size)
     sample = train_df.sample(n=n, random_state=cfg.train.seed)
     data = loader_class(sample, cfg, training=False, reader=reader)
     out = []

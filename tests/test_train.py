@@ -53,12 +53,18 @@ def test_cli_train_writes_complete_run(tmp_path, bulk_dir):
     expected = split_table(table, "random", 0.1, 0.0, seed=42)
     assert split["split"].tolist() == expected["split"].tolist()
     assert split["id"].tolist() == expected["id"].tolist()
-    # best.keras reloads here, on torch (every backend alike: test_backends)
+    # best.keras reloads here, on torch (every backend alike: test_backends), and scores
+    # its validation images as fit did on TensorFlow: what was saved is what was
+    # validated (batch-norm statistics included)
+    from boneage_keras.images import load_image
     from boneage_keras.model import load_model
 
-    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1))
-    on_torch = load_model(run / "best.keras").predict(x, verbose=0).ravel()
-    assert ((0 < on_torch) & (on_torch < 300)).all()
+    val = split[split["split"] == "val"]
+    x = np.stack([load_image(bulk_dir / "images" / f"{i}.png", 32) for i in val["id"]])
+    on_torch = load_model(run / "best.keras").predict(x[..., None] if x.ndim == 3 else x,
+                                                      verbose=0).ravel()
+    mae = np.abs(on_torch - val["boneage"].to_numpy()).mean()
+    assert mae == pytest.approx(history["val_mae"].iloc[0], abs=0.05)
 
 
 def test_interrupted_run_resumes_without_losing_epochs(tmp_path, bulk_dir):

@@ -210,3 +210,28 @@ def test_keras_engine_draws_per_epoch_and_batch(batch):
     np.testing.assert_array_equal(first, augmenter.augment_batch(batch[:8], 0, 3))
     assert not np.allclose(first, augmenter.augment_batch(batch[:8], 1, 3))
     assert not np.allclose(first, augmenter.augment_batch(batch[:8], 0, 4))
+
+
+def test_reused_layers_draw_what_fresh_layers_draw(batch):
+    """The keras engine builds its layers once per thread and re-seeds them per batch:
+    every stage's output equals that of layers built fresh for (epoch, batch)."""
+    import keras
+
+    cfg = AugmentConfig(**{**OFF, "horizontal_flip": True, "rotation_degrees": 15,
+                           "translation": 0.1, "scale": [0.9, 1.1], "shear": 0.2,
+                           "brightness": 0.3, "contrast": [0.7, 1.3],
+                           "blur_probability": 0.5, "salt_pepper": [0.03, 0.08],
+                           "random_crop": True})
+    augmenter = build_augmenter(cfg, SIZE, seed=5, engine="keras")
+    outputs = {}
+    for epoch, index in ((0, 0), (0, 1), (3, 7), (0, 0)):   # reused from the 2nd call
+        outputs.setdefault((epoch, index), []).append(
+            augmenter.augment_batch(batch[:8], epoch, index))
+        with keras.device("cpu"):
+            x = keras.ops.convert_to_tensor(batch[:8])
+            for layer in augmenter.keras_layers(epoch, index):
+                x = layer(x, training=True)
+            fresh = np.clip(keras.ops.convert_to_numpy(x), 0, 255)
+        np.testing.assert_allclose(outputs[(epoch, index)][-1], fresh, atol=1e-4)
+    np.testing.assert_array_equal(*outputs[(0, 0)])
+    assert not np.allclose(outputs[(0, 0)][0], outputs[(0, 1)][0])

@@ -7,7 +7,7 @@
 # and each is then evaluated on its held-out split. Nothing but this script's runs is
 # written, under OUT.
 #
-#   bash benchmarks/gpu_studies.sh DATA_DIR OUT [TRAIN_SECONDS]
+#   [ONLY="improved"] bash benchmarks/gpu_studies.sh DATA_DIR OUT [TRAIN_SECONDS]
 #
 # DATA_DIR: labels.csv + images/ (PNG or WebP; scripts/pack-webp.py packs them to carry).
 # With the device tool (README, "The two studies on a GPU"): carry .whl and .gpu-data.
@@ -48,16 +48,27 @@ train() {  # name config workers [--set ...]
   stamp "$name ended (exit $?)"
 }
 
-train baseline resnet18-baseline 3 &
-train improved resnet18-improved 6 &
-train study1 default 5 "${SPLIT[@]}" &
-(  # the CPU-recipe screen, one after another
-  train cpu-bench cpu-bench 2
-  train cpu-bench-b16 cpu-bench 2 --set train.batch_size=16 --set train.epochs=19
-  train cpu-bench-lr2e-3 cpu-bench 2 --set train.learning_rate=0.002
-  train cpu-bench-mse cpu-bench 2 --set train.loss=mse
-) &
-screen=$!
+# ONLY picks some of: baseline improved study1 screen (default all; e.g. ONLY=improved
+# gives the improved model, the slowest, the whole machine's cores)
+ONLY=" ${ONLY:-baseline improved study1 screen} "
+n_runs=$(wc -w <<<"$ONLY")
+workers() {   # $1: the run's share of 16 workers when all four run; 1 to 14
+  local w=$(( $1 * 4 / n_runs ))
+  echo $(( w > 14 ? 14 : (w < 1 ? 1 : w) ))
+}
+[[ $ONLY == *" baseline "* ]] && train baseline resnet18-baseline "$(workers 3)" &
+[[ $ONLY == *" improved "* ]] && train improved resnet18-improved "$(workers 6)" &
+[[ $ONLY == *" study1 "* ]] && train study1 default "$(workers 5)" "${SPLIT[@]}" &
+screen=
+if [[ $ONLY == *" screen "* ]]; then
+  (  # the CPU-recipe screen, one after another
+    train cpu-bench cpu-bench "$(workers 2)"
+    train cpu-bench-b16 cpu-bench "$(workers 2)" --set train.batch_size=16 --set train.epochs=19
+    train cpu-bench-lr2e-3 cpu-bench "$(workers 2)" --set train.learning_rate=0.002
+    train cpu-bench-mse cpu-bench "$(workers 2)" --set train.loss=mse
+  ) &
+  screen=$!
+fi
 
 # stop whatever still trains at the deadline
 while (( $(date +%s) - start < TRAIN_SECONDS )) && pgrep -f "cli.py train" >/dev/null; do
@@ -65,7 +76,7 @@ while (( $(date +%s) - start < TRAIN_SECONDS )) && pgrep -f "cli.py train" >/dev
 done
 if pgrep -f "cli.py train" >/dev/null; then
   stamp "deadline: stopping the runs still training"
-  kill "$screen" 2>/dev/null
+  [ -n "$screen" ] && kill "$screen" 2>/dev/null
   pkill -INT -f "cli.py train"; sleep 15; pkill -KILL -f "cli.py train"
 fi
 wait
@@ -86,7 +97,8 @@ for run in "$RUNS"/*/; do
   python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print({k: m.get(k) for k in ('title','n','mae','rmse','r2','tolerance_accuracy')})" \
     "$run/eval/metrics.json" 2>/dev/null
 done
-python3 cli.py compare "$RUNS/baseline/eval" "$RUNS/improved/eval" 2>&1 | head -3
+[ -d "$RUNS/baseline/eval" ] && [ -d "$RUNS/improved/eval" ] && \
+  python3 cli.py compare "$RUNS/baseline/eval" "$RUNS/improved/eval" 2>&1 | head -3
 # the runs without their model files (too large to carry back), one archive
 tar czf "$OUT/gpu-runs.tgz" --exclude='*.keras' --exclude='*.h5' -C "$OUT" runs logs
 stamp "done"

@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         _child(args)
         return
+    sys.path.insert(0, str(REPO))
+    from boneage_keras.files import write_json  # atomic: a cut run leaves whole JSON
+
     extra = ["--profile-dir", args.profile_dir] if args.profile_dir else []
     contenders = [("native", "torch", [])]
     contenders += [("keras", backend, extra) for backend in args.backends.split(",")]
@@ -409,11 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         # keeps what it measured
         print(table(rows), flush=True)
         if args.out:
-            report = {"date": time.strftime("%Y-%m-%d"), "size": args.size, "rows": rows,
-                      "machine": _machine(), "complete": done == len(contenders)}
-            tmp = Path(str(args.out) + ".part")
-            tmp.write_text(json.dumps(report, indent=2))
-            tmp.replace(args.out)
+            write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "size": args.size,
+                                  "rows": rows, "machine": _machine(),
+                                  "complete": done == len(contenders)})
 
 
 def _machine() -> str:

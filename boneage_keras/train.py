@@ -337,15 +337,17 @@ class RefreshBatchNorm(keras.callbacks.Callback):
         refresh_batchnorm(self.model, self.batches)
 
 
-def refresh_batches(train_df: pd.DataFrame, cfg: Config, reader: Callable[..., np.ndarray],
-                    loader_class: Any) -> list[np.ndarray]:
+def refresh_batches(train_df: pd.DataFrame, cfg: Config,
+                    reader: Callable[..., np.ndarray]) -> list[np.ndarray]:
     """``train.bn_refresh_batches`` batches of training images (no more than an epoch
     trains on), drawn once (seeded), decoded without augmentation."""
+    from .loaders import BoneAgeDataset
+
     t = cfg.train
     batches = min(t.bn_refresh_batches, t.steps_per_epoch or t.bn_refresh_batches)
     n = min(len(train_df), batches * t.batch_size)
     sample = train_df.sample(n=n, random_state=cfg.train.seed)
-    data = loader_class(sample, cfg, training=False, reader=reader)
+    data = BoneAgeDataset(sample, cfg, training=False, reader=reader)
     out = []
     for k in range(len(data)):
         inputs = data[k][0]
@@ -587,7 +589,7 @@ def _remove_setup(run_dir: Path, keep_log: bool) -> None:
 
 def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] | None,
          verbose: Any, replicas: Replicas) -> TrainResult:
-    from .loaders import BoneAgeDataset, make_loader
+    from .loaders import make_loader
 
     with native_stderr_silenced():   # Keras seeds TensorFlow too, if it is installed
         keras.utils.set_random_seed(cfg.train.seed + (state["epoch"] if state else 0))
@@ -625,8 +627,7 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
         keeper = RunKeeper(run_dir, cfg, twin, state, history, replicas)
         callbacks: list[keras.callbacks.Callback] = []
         if cfg.train.bn_refresh_batches and not replicas.distributed:
-            callbacks.append(RefreshBatchNorm(refresh_batches(train_df, cfg, reader,
-                                                              BoneAgeDataset)))
+            callbacks.append(RefreshBatchNorm(refresh_batches(train_df, cfg, reader)))
         callbacks += replicas.callbacks(model)
         t = cfg.train
         if t.lr_schedule == "cosine":  # before the keeper, so its rows carry the rate

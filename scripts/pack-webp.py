@@ -19,10 +19,11 @@ from PIL import Image
 
 
 def webp_bytes(path: Path) -> bytes:
-    pixels = np.asarray(Image.open(path))
+    with Image.open(path) as image:
+        mode, pixels = image.mode, np.asarray(image)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="WEBP", lossless=True, quality=100, method=6)
-    again = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert(Image.open(path).mode))
+    again = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert(mode))
     if not np.array_equal(again, pixels):
         raise SystemExit(f"{path}: WebP round trip changed pixels")
     return buffer.getvalue()

@@ -86,14 +86,31 @@ def gpu_available() -> bool:
     return False
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX, as
+    Linux lists them in /proc/cpuinfo); elsewhere oneDNN and XLA emulate it, slower
+    than float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split()))
+    except OSError:
+        pass
+    return False
+
+
 def mixed_precision_policy() -> str:
-    """bfloat16 where the hardware has it (Ampere and newer GPUs; JAX everywhere: no
-    loss scaling needed), else float16 with Keras' automatic loss scaling."""
+    """bfloat16 where the hardware has it (Ampere and newer GPUs; JAX everywhere; any
+    CPU: no loss scaling needed, and float16 has no CPU units either), else float16
+    with Keras' automatic loss scaling (older GPUs)."""
+    if not gpu_available():
+        return "mixed_bfloat16"
     backend = keras.backend.backend()
     if backend == "torch":
         import torch
 
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported():
             return "mixed_bfloat16"
     elif backend == "tensorflow":
         import tensorflow as tf

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from .backend import gpu_available, mixed_precision_policy
+from .backend import cpu_has_bfloat16, gpu_available, mixed_precision_policy
 from .cache import find_cache
 from .config import Config, geometry
 from .data import load_dataset
@@ -225,6 +225,7 @@ def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
     result: dict[str, Any] = {
         "backend": keras.backend.backend(), "gpu": gpu_available(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_bfloat16": cpu_has_bfloat16(),
         "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size,
         "backbone": cfg.model.backbone,
         "precision": mixed_precision_policy() if cfg.train.mixed_precision else "float32",

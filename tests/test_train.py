@@ -292,3 +292,37 @@ def test_failed_start_leaves_the_run_name_free(tmp_path, bulk_dir):
     assert not (tmp_path / "runs" / "r").exists()
     cli_here(["train", "--data-dir", str(bulk_dir), *args])   # the same name works now
     assert (tmp_path / "runs" / "r" / "best.keras").is_file()
+
+
+def test_mixed_precision_on_a_cpu_is_bfloat16_and_learns_real_images(bulk_dir):
+    """No GPU here: `train.mixed_precision` picks bfloat16 (float16 has no CPU units
+    and would need loss scaling). The convolutions then compute in bfloat16, the output
+    stays float32, and training steps on real images lower the loss."""
+    import keras
+    from PIL import Image
+
+    from boneage_keras.backend import mixed_precision_policy
+    from boneage_keras.config import load_config
+    from boneage_keras.model import build_model
+    from boneage_keras.train import compile_model
+
+    assert mixed_precision_policy() == "mixed_bfloat16"
+    table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:16]
+    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
+        (64, 64)), np.float32) for i in table["id"]])[..., None]
+    ages = table["boneage"].to_numpy(np.float32)
+    cfg = load_config("cpu-bench", ["data.image_size=64", "model.use_sex=false",
+                                    "train.mixed_precision=true"])
+    keras.mixed_precision.set_global_policy(mixed_precision_policy())
+    try:
+        model = compile_model(build_model(cfg, float(ages.mean()), 40.0), cfg)
+        backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+        convs = [layer for layer in backbone._flatten_layers()
+                 if isinstance(layer, keras.layers.Conv2D)]
+        assert convs and {c.compute_dtype for c in convs} == {"bfloat16"}
+        losses = [float(model.train_on_batch(images, ages)[0]) for _ in range(8)]
+        out = model.predict(images, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert out.dtype == np.float32 and np.isfinite(losses).all()
+    assert losses[-1] < losses[0]

@@ -102,8 +102,8 @@ def cpu_has_bfloat16() -> bool:
 
 def mixed_precision_policy() -> str:
     """bfloat16 where the hardware has it (Ampere and newer GPUs; JAX everywhere; any
-    CPU: no loss scaling needed, and float16 has no CPU units either), else float16
-    with Keras' automatic loss scaling (older GPUs)."""
+    CPU, since CPU matrix units such as AMX multiply bfloat16: no loss scaling needed),
+    else float16 with Keras' automatic loss scaling (older GPUs)."""
     if not gpu_available():
         return "mixed_bfloat16"
     backend = keras.backend.backend()

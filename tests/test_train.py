@@ -61,8 +61,7 @@ def test_cli_train_writes_complete_run(tmp_path, bulk_dir):
 
     val = split[split["split"] == "val"]
     x = np.stack([load_image(bulk_dir / "images" / f"{i}.png", 32) for i in val["id"]])
-    on_torch = load_model(run / "best.keras").predict(x[..., None] if x.ndim == 3 else x,
-                                                      verbose=0).ravel()
+    on_torch = load_model(run / "best.keras").predict(x, verbose=0).ravel()
     mae = np.abs(on_torch - val["boneage"].to_numpy()).mean()
     assert mae == pytest.approx(history["val_mae"].iloc[0], abs=0.05)
 
@@ -295,21 +294,21 @@ def test_failed_start_leaves_the_run_name_free(tmp_path, bulk_dir):
 
 
 def test_mixed_precision_on_a_cpu_is_bfloat16_and_learns_real_images(bulk_dir):
-    """No GPU here: `train.mixed_precision` picks bfloat16 (float16 has no CPU units
-    and would need loss scaling). The convolutions then compute in bfloat16, the output
-    stays float32, and training steps on real images lower the loss."""
+    """No GPU here: `train.mixed_precision` picks bfloat16 (no loss scaling; what AMX
+    multiplies). The convolutions then compute in bfloat16, the output stays float32,
+    and training steps on real images lower the loss."""
     import keras
-    from PIL import Image
 
     from boneage_keras.backend import mixed_precision_policy
     from boneage_keras.config import load_config
+    from boneage_keras.images import load_image
     from boneage_keras.model import build_model
     from boneage_keras.train import compile_model
 
     assert mixed_precision_policy() == "mixed_bfloat16"
     table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:16]
-    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
-        (64, 64)), np.float32) for i in table["id"]])[..., None]
+    images = np.stack([load_image(bulk_dir / "images" / f"{i}.png", 64, "stretch")
+                       for i in table["id"]]).astype(np.float32)
     ages = table["boneage"].to_numpy(np.float32)
     cfg = load_config("cpu-bench", ["data.image_size=64", "model.use_sex=false",
                                     "train.mixed_precision=true"])

@@ -24,6 +24,10 @@ from boneage_keras.inference import (
 from boneage_keras.metrics import interval_calibration
 from boneage_keras.model import build_model
 
+# one pytest-xdist worker runs every test of this module: they share conftest's
+# session fixture trained_run, built once there
+pytestmark = pytest.mark.xdist_group("trained_run")
+
 
 def _val_paths(run, bulk_dir, n=24):
     split = pd.read_csv(run / "split.csv", dtype={"id": str})
@@ -98,12 +102,14 @@ def test_tta_changes_and_averages_predictions(trained_run, bulk_dir):
     # (CPU convolutions are not bit-reproducible across calls: 0.05 months slack)
     np.testing.assert_allclose(out.no_tta, single.predicted, atol=0.05)
     assert np.abs(out.predicted - single.predicted).max() > 0.5
-    # the TTA prediction is the mean of the views
+    # the TTA prediction is the mean of the views (each view predicted here in its own
+    # batches, whose different sizes take other CPU kernels: measured up to 0.11 months
+    # apart with one thread; the views themselves move predictions by > 0.5)
     per_view = [predict_images(predictor, paths, progress=False,
                                reader=lambda p, s, r, c, k=k: tta_views(
                                    _load(p, s, r, c)[None], 4)[k][0]).predicted
                 for k in range(4)]
-    np.testing.assert_allclose(out.predicted, np.mean(per_view, axis=0), atol=0.05)
+    np.testing.assert_allclose(out.predicted, np.mean(per_view, axis=0), atol=0.2)
 
 
 def _load(path, size, resize, crop):

@@ -16,9 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # caches and decode records of the shared sample go to a temporary folder, never into
 # ../shared (tests that check the default location unset it)
 os.environ.setdefault("BONEAGE_CACHE_DIR", tempfile.mkdtemp(prefix="boneage-test-cache-"))
-# pytest-xdist workers (setup.cfg: one per core) share the cores: each worker and the
-# processes it starts compute on its share of threads. More threads than cores, spinning
-# against each other, slowed a training epoch here from 131 s to 1,142 s.
+# pytest-xdist workers (setup.cfg: two, for this project's 2-core CI machine) share the
+# cores: each worker, and the processes it starts, computes on its share of threads.
+# More threads than cores, spinning against each other, slowed a training epoch here
+# from 131 s to 1,142 s.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -222,4 +223,3 @@ def trained_run(tmp_path_factory, bulk_dir) -> Path:
         "augment.contrast=null",
         f"train.output_dir={out}", "train.run_name=small"])
     return train(cfg, verbose=0).run_dir
-

@@ -1,4 +1,4 @@
-"""Training-time augmentation from the config, on one of two engines.
+"""Training-time augmentation from the config, on one of three engines.
 
 One table (``STAGES``) maps each ``augment`` config key to its layer and to the layer's
 arguments, in application order; both engines build from it, so a key means the same
@@ -13,8 +13,8 @@ on both (rotation in degrees, brightness as a fraction of the 0-255 range, ...):
 ``augment.engine: auto`` picks ``keras-cv`` where TensorFlow and keras-cv import, else
 ``keras``. Every layer gets its own seed, derived from ``train.seed`` and the layer's
 place in the table, so the layers' random draws are independent (one shared seed would
-tie them: a flipped image would always rotate the same way). The ``keras`` engine
-draws each batch from a seed of (epoch, batch), so its augmentation is reproducible
+tie them: a flipped image would always rotate the same way). The ``keras`` and ``numpy``
+engines draw each batch from a seed of (epoch, batch), so its augmentation is reproducible
 whatever the worker threads' timing, and a resumed run continues with new draws.
 
 Images are float32 batches (batch, size, size, 1) with values 0-255; geometric stages
@@ -41,7 +41,7 @@ from .backend import importable, tensorflow_for_input
 from .config import AugmentConfig, ConfigError
 
 VALUE_RANGE = (0.0, 255.0)
-ENGINES = ("keras-cv", "keras")
+ENGINES = ("keras-cv", "keras", "numpy")
 FILL = {"fill_mode": "constant", "fill_value": 0.0}
 BLUR_KERNEL = 5
 BLUR_SIGMA = (0.1, 1.5)
@@ -224,6 +224,13 @@ class Augmenter:
         self.stages = active_stages(cfg, image_size)
         self.tf_function: Callable | None = None
         self._traced: Callable | None = None
+        self._numpy: Callable | None = None
+        if engine == "numpy":
+            from .augment_numpy import build_numpy_stack
+
+            self._numpy = build_numpy_stack([(stage, arguments)
+                                             for _, stage, arguments in self.stages],
+                                            VALUE_RANGE)
         if engine == "keras-cv":
             tensorflow_for_input()      # quietly, and off the GPU, before keras-cv
             from .augment_kerascv import build_stack
@@ -270,6 +277,9 @@ class Augmenter:
                 spec = tf.TensorSpec([None, None, None, 1], tf.float32)
                 self._traced = tf.function(self.tf_function, input_signature=[spec])
             return self._traced(images).numpy()
+        if self._numpy is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, batch]))
+            return self._numpy(images, rng)
         with keras.device(self.device) if self.device else contextlib.nullcontext():
             x = ops.convert_to_tensor(images)
             for layer in self.seeded_layers(epoch, batch):

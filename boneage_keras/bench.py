@@ -59,12 +59,12 @@ def pipeline_throughput(table: pd.DataFrame, cfg: Config, augment: bool,
 def pipeline_variants() -> list[tuple[str, tuple[str, ...]]]:
     """(loader, augmentation engines) pairs that run here: tf.data with keras-cv and
     the PyDataset with each engine where TensorFlow is installed, else the PyDataset
-    with the Keras engine."""
+    with the Keras and NumPy engines."""
     from .augment import tensorflow_available
 
     if tensorflow_available():
-        return [("tfdata", ("keras-cv",)), ("pydataset", ("keras-cv", "keras"))]
-    return [("pydataset", ("keras",))]
+        return [("tfdata", ("keras-cv",)), ("pydataset", ("keras-cv", "keras", "numpy"))]
+    return [("pydataset", ("keras", "numpy"))]
 
 
 class _SameBatch(keras.utils.PyDataset):

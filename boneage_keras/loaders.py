@@ -101,8 +101,8 @@ def resolve_loader(cfg: Config, training: bool = True) -> str:
         raise ConfigError("config key 'data.loader': 'tfdata' needs TensorFlow, which is "
                           "not installed here: pip install tensorflow, or set "
                           "data.loader=pydataset (or auto).")
-    if loader == "tfdata" and engine == "keras":
-        raise ConfigError("config key 'augment.engine': 'keras' augments in the pydataset "
+    if loader == "tfdata" and engine in ("keras", "numpy"):
+        raise ConfigError(f"config key 'augment.engine': {engine!r} augments in the pydataset "
                           "loader's worker threads; set data.loader=pydataset (or auto), "
                           "or augment.engine=keras-cv for tf.data.")
     return loader

@@ -1,6 +1,7 @@
-"""Augmentation on both engines (keras-cv on TensorFlow ops, Keras core layers on the
-active backend), measured on real radiographs: each stage does what its config key
-says, the two engines draw from the same ranges, and the layers' draws are independent."""
+"""Augmentation on the three engines (keras-cv on TensorFlow ops, Keras core layers on
+the active backend, fused NumPy), measured on real radiographs: each stage does what its
+config key says, the engines draw from the same ranges, and the stages' draws are
+independent."""
 
 import json
 
@@ -14,7 +15,7 @@ from boneage_keras.config import AugmentConfig
 from boneage_keras.images import load_image
 
 SIZE = 64
-ENGINES = ("keras-cv", "keras")
+ENGINES = ("keras-cv", "keras", "numpy")
 OFF = {"horizontal_flip": False, "rotation_degrees": 0, "translation": 0, "scale": None,
        "shear": 0, "brightness": 0, "contrast": None, "blur_probability": 0,
        "salt_pepper": None, "random_crop": False}
@@ -181,8 +182,9 @@ def test_contrast_scales_spread_within_range(ranges, engine):
     assert 0.68 <= ratios.min() and ratios.max() <= 1.32 and ratios.std() > 0.08
 
 
-def test_both_engines_draw_from_the_same_ranges(ranges):
-    a, b = ranges["keras-cv"], ranges["keras"]
+@pytest.mark.parametrize("engine", ENGINES[1:])
+def test_engines_draw_from_the_same_ranges(ranges, engine):
+    a, b = ranges["keras-cv"], ranges[engine]
     for key, tolerance in (("rotation_degrees", 3.0), ("brightness_delta", 15.0),
                            ("contrast_ratio", 0.08)):
         spread_a, spread_b = np.std(a[key]), np.std(b[key])
@@ -203,9 +205,10 @@ def test_flip_and_rotation_draws_are_independent(sample_dir, engine):
     assert all(n >= 4 for n in counts.values()), counts
 
 
-def test_keras_engine_draws_per_epoch_and_batch(batch):
+@pytest.mark.parametrize("engine", ("keras", "numpy"))
+def test_engine_draws_per_epoch_and_batch(batch, engine):
     augmenter = build_augmenter(AugmentConfig(**{**OFF, "rotation_degrees": 15}), SIZE,
-                                seed=2, engine="keras")
+                                seed=2, engine=engine)
     first = augmenter.augment_batch(batch[:8], epoch=0, batch=3)
     np.testing.assert_array_equal(first, augmenter.augment_batch(batch[:8], 0, 3))
     assert not np.allclose(first, augmenter.augment_batch(batch[:8], 1, 3))
@@ -235,3 +238,42 @@ def test_reused_layers_draw_what_fresh_layers_draw(batch):
         np.testing.assert_allclose(outputs[(epoch, index)][-1], fresh, atol=1e-4)
     np.testing.assert_array_equal(*outputs[(0, 0)])
     assert not np.allclose(outputs[(0, 0)][0], outputs[(0, 1)][0])
+
+
+# --- the numpy engine's one warp per image -------------------------------------------
+
+
+def _map(angle_degrees=0.0, shift=(0.0, 0.0), flip=False):
+    """A centred output-to-input map: mirror, then rotate, then shift (x, y) pixels."""
+    a = np.deg2rad(angle_degrees)
+    m = np.array([[np.cos(a), -np.sin(a), shift[0]], [np.sin(a), np.cos(a), shift[1]],
+                  [0, 0, 1.0]])
+    return np.diag([-1.0 if flip else 1.0, 1, 1]) @ m
+
+
+def test_warp_identity_shift_and_mirror_are_exact(batch):
+    from boneage_keras.augment_numpy import warp
+
+    x = batch[:4, ..., 0]
+    np.testing.assert_array_equal(warp(x, np.stack([_map()] * 4), SIZE), x)
+    np.testing.assert_array_equal(warp(x, np.stack([_map(flip=True)] * 4), SIZE),
+                                  x[:, :, ::-1])
+    # reading input pixel (x + 3, y - 2) at output (x, y): content moves left 3, down 2
+    shifted = warp(x, np.stack([_map(shift=(3, -2))] * 4), SIZE)
+    expected = np.stack([ndimage.shift(i, (2, -3), order=0, cval=0.0) for i in x])
+    np.testing.assert_array_equal(shifted, expected)
+
+
+def test_warp_composes_as_the_layers_apply_one_after_another(batch):
+    """Warping by A and then by B is one warp by A @ B (the numpy engine's fusion), and
+    not by B @ A: rotation and shift do not commute."""
+    from boneage_keras.augment_numpy import warp
+
+    x = batch[:8, ..., 0]
+    a = np.stack([_map(angle_degrees=12)] * 8)
+    b = np.stack([_map(shift=(6, -4))] * 8)
+    twice = warp(warp(x, a, SIZE), b, SIZE)
+    inner = (slice(None), slice(12, -12), slice(12, -12))   # away from the black fill
+    fused = warp(x, a @ b, SIZE)[inner]
+    assert np.abs(fused - twice[inner]).mean() < 2.0      # bilinear twice vs once
+    assert np.abs(warp(x, b @ a, SIZE)[inner] - twice[inner]).mean() > 4.0

@@ -23,7 +23,7 @@ def test_bench_prints_pipeline_and_step_figures(sample_dir, tmp_path):
     pipelines = figures["pipeline_images_per_s"]
     expected = {f"{loader}/{source}/{mode}"
                 for loader, modes in (("tfdata", ("plain", "keras-cv")),
-                                      ("pydataset", ("plain", "keras-cv", "keras")))
+                                      ("pydataset", ("plain", "keras-cv", "keras", "numpy")))
                 for source in ("originals", "cache64") for mode in modes}
     assert set(pipelines) == expected
     # decoding 1600x2080 PNGs is the bottleneck the cache removes

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 
 from boneage_keras.augment import build_augmenter
-from boneage_keras.config import load_config
+from boneage_keras.config import ConfigError, load_config
 from boneage_keras.data import load_dataset
 from boneage_keras.images import ImageError, load_image
-from boneage_keras.loaders import BoneAgeDataset, make_tf_dataset
+from boneage_keras.loaders import BoneAgeDataset, make_tf_dataset, resolve_loader
 
 SIZE = 64
 
 
 @pytest.mark.parametrize("loader, engine", [("tfdata", "keras-cv"), ("pydataset", "keras"),
-                                            ("pydataset", "keras-cv")])
+                                            ("pydataset", "keras-cv"), ("pydataset", "numpy")])
 def test_validation_untouched_training_augmented(bulk_dir, loader, engine):
     cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}", "train.batch_size=8",
                                                f"data.loader={loader}",
@@ -87,3 +87,13 @@ def test_an_image_failing_mid_run_is_skipped_up_to_the_limit(bulk_dir, loader, c
             next(iter(make_tf_dataset(table, cfg, training=False, reader=flaky)))
         else:
             BoneAgeDataset(table, cfg, training=False, reader=flaky)[0]
+
+
+@pytest.mark.parametrize("engine", ["keras", "numpy"])
+def test_tfdata_refuses_an_engine_that_augments_in_numpy_workers(engine):
+    cfg = load_config("configs/default.yaml", ["data.loader=tfdata",
+                                               f"augment.engine={engine}"])
+    with pytest.raises(ConfigError, match=f"augment.engine.*'{engine}'.*pydataset"):
+        resolve_loader(cfg)
+    cfg.data.loader = "auto"
+    assert resolve_loader(cfg) == "pydataset"

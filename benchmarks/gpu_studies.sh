@@ -51,8 +51,8 @@ train() {  # name config workers [--set ...]
   stamp "$name ended (exit $?)"
 }
 
-# ONLY picks some of: baseline improved study1 screen (default all; e.g. ONLY=improved
-# gives the improved model, the slowest, the whole machine's cores)
+# ONLY picks some of: baseline improved study1 screen ablation (default all but ablation;
+# e.g. ONLY=improved gives the improved model, the slowest, the whole machine's cores)
 ONLY=" ${ONLY:-baseline improved study1 screen} "
 n_runs=$(wc -w <<<"$ONLY")
 workers() {   # $1: the run's share of 16 workers when all four run; 1 to 14
@@ -62,6 +62,14 @@ workers() {   # $1: the run's share of 16 workers when all four run; 1 to 14
 [[ $ONLY == *" baseline "* ]] && train baseline resnet18-baseline "$(workers 3)" &
 [[ $ONLY == *" improved "* ]] && train improved resnet18-improved "$(workers 6)" &
 [[ $ONLY == *" study1 "* ]] && train study1 default "$(workers 5)" "${SPLIT[@]}" &
+# which half of the improved model keeps it at the training mean (not in the default set)
+NO_AUG=(--set augment.rotation_degrees=0 --set augment.shear=0 --set augment.scale=null
+        --set augment.contrast=null --set augment.brightness=0 --set augment.blur_probability=0
+        --set augment.salt_pepper=null --set augment.random_crop=false)
+[[ $ONLY == *" ablation "* ]] && train improved-head resnet18-improved "$(workers 4)" \
+  "${NO_AUG[@]}" &
+[[ $ONLY == *" ablation "* ]] && train baseline-augment resnet18-improved "$(workers 4)" \
+  --set model.head_units=0 --set model.dropout=0 &
 screen=
 if [[ $ONLY == *" screen "* ]]; then
   (  # the CPU-recipe screen, one after another (cpu-bench itself, batch 16, Adam 2e-3

@@ -68,7 +68,7 @@ class AugmentConfig:
     blur_probability: float = 0.0
     salt_pepper: list[float] | None = None  # fraction of pixels, e.g. [0.03, 0.08]
     random_crop: bool = False  # crop image_size from a 1/0.875 larger resize
-    # auto: keras-cv if TF imports, else keras; numpy: fused NumPy stages (fastest)
+    # auto: keras-cv if TF imports, else numpy (fused NumPy stages, the fastest)
     engine: Literal["auto", "keras-cv", "keras", "numpy"] = "auto"
 
 

@@ -37,7 +37,7 @@ def test_every_command_runs_without_tensorflow(backend_runs, backend, sample_dir
     out, logs = backend_runs
     run = out / backend
     sex = ["--sex", "M"] if backend == "jax" else []
-    assert "input: pydataset loader, augmentation keras engine (horizontal_flip, " \
+    assert "input: pydataset loader, augmentation numpy engine (horizontal_flip, " \
         "rotation_degrees, translation, scale, brightness, contrast)" in logs[backend]
     assert len(pd.read_csv(run / "history.csv")) == 1
     assert json.loads((run / "run.json").read_text())["backend"] == backend

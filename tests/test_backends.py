@@ -67,10 +67,11 @@ def test_every_command_runs_without_tensorflow(backend_runs, backend, sample_dir
     assert written == ({"model.keras", "model.json", "model.onnx"} if backend == "torch"
                        else {"model.keras", "model.json"})
     assert savedmodel.returncode == 2 and "pip install tensorflow" in savedmodel.stderr
-    # bench: the PyDataset with the Keras engine, and a training step
+    # bench: the PyDataset with the Keras and NumPy engines, and a training step
     figures = json.loads(benched.stdout)
     assert set(figures["pipeline_images_per_s"]) == {"pydataset/originals/plain",
-                                                     "pydataset/originals/keras"}
+                                                     "pydataset/originals/keras",
+                                                     "pydataset/originals/numpy"}
     assert figures["train_step"]["fit_input"] == "PyDataset"
 
 

@@ -79,6 +79,7 @@ class ModelConfig:
     backbone: str = "resnet50"
     weights: str | None = "imagenet"  # imagenet | none | path to a weights file
     head_units: int = 256  # 0: linear head Dense(1)
+    head_activation: Literal["relu", "leaky_relu", "gelu"] = "relu"  # of the hidden layer
     dropout: float = 0.3
     use_sex: bool = False
     standardize: bool = False  # each image to the same mean and spread, in the model

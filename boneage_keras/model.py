@@ -6,6 +6,7 @@
       -> global average pooling
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
+                                                        (relu: model.head_activation)
       -> Dense(1) -> LabelScale (x * std + mean)        float32 months
 
 Grayscale and ImageNet weights: the gray channel is repeated three times, so the
@@ -205,7 +206,7 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
         x = layers.Concatenate(name="features")([x, ops.cast(sex, x.dtype)])
         inputs = {"image": image, "male": male}
     if m.head_units:
-        x = layers.Dense(m.head_units, activation="relu", name="head_dense")(x)
+        x = layers.Dense(m.head_units, activation=m.head_activation, name="head_dense")(x)
         if m.dropout:
             x = layers.Dropout(m.dropout, name="head_dropout")(x)
     # Zero-initialised: an untrained model predicts the training mean.

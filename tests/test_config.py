@@ -69,6 +69,7 @@ def test_dotted_and_bare_overrides():
     ("augment.rotation_degrees=400", ["augment.rotation_degrees", "180"]),
     ("augment.translation=-0.1", ["augment.translation"]),
     ("augment.engine=cuda", ["augment.engine", "keras-cv"]),
+    ("model.head_activation=tanh", ["model.head_activation", "leaky_relu"]),
 ])
 def test_bad_override_names_key_and_allowed(override, words):
     with pytest.raises(ConfigError) as err:

@@ -109,6 +109,18 @@ def test_saved_model_reloads_with_preprocessing(tmp_path):
         preprocessing_of(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]))
 
 
+def test_head_activation_from_config_survives_saving(tmp_path):
+    """model.head_activation sets the hidden layer's activation (leaky_relu lets negative
+    inputs through, scaled; relu zeroes them) and a reloaded model keeps it."""
+    negative = -np.ones((1, 4), "float32")
+    for name, passes in (("relu", False), ("leaky_relu", True)):
+        model = build_model(_cfg("model.backbone=resnet18", f"model.head_activation={name}"))
+        model.save(tmp_path / f"{name}.keras")
+        head = load_model(str(tmp_path / f"{name}.keras")).get_layer("head_dense")
+        out = keras.ops.convert_to_numpy(head.activation(negative))
+        assert (out < 0).all() if passes else (out == 0).all(), (name, out)
+
+
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
     """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
     from conftest import run_python

@@ -35,6 +35,21 @@ SAMPLE_DIR = Path(os.environ.get("BONEAGE_SAMPLE_DIR", REPO.parent / "shared" / 
                                  / "rsna-sample")).resolve()
 
 
+# session fixtures that train models: every test using one (directly or through
+# another fixture) runs on the same pytest-xdist worker (setup.cfg: --dist loadgroup),
+# so each is built once
+SHARED_TRAINING = ("trained_run", "backend_runs")
+
+
+@pytest.hookimpl(tryfirst=True)          # before xdist reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in SHARED_TRAINING:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+                break
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The real RSNA sample: images/ + labels.csv (60 full-size) and bulk-100px/."""

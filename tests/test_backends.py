@@ -14,10 +14,6 @@ import pytest
 from conftest import REPO, run_cli_batch, run_python
 from conftest import SMALL_TRAIN as TRAIN
 
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture backend_runs, built once there
-pytestmark = pytest.mark.xdist_group("backend_runs")
-
 IDS = ("1437", "1440", "1472", "4360")
 
 

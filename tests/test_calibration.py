@@ -16,10 +16,6 @@ from boneage_keras.calibration import (
     fit_calibration,
 )
 
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture trained_run, built once there
-pytestmark = pytest.mark.xdist_group("trained_run")
-
 
 def _shrunk(rng, n, noise_scale=None):
     truth = rng.uniform(0, 228, n)

@@ -19,10 +19,6 @@ from boneage_keras.dicom import (
 )
 from boneage_keras.images import looks_inverted, read_gray
 
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture trained_run, built once there
-pytestmark = pytest.mark.xdist_group("trained_run")
-
 IDS = ("1437", "1440", "1472", "1516")
 NAME, PATIENT_ID = "Doe^Jane", "MRN-0042-SECRET"
 

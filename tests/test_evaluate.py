@@ -16,10 +16,6 @@ from boneage_keras.evaluate import FIGURES
 from boneage_keras.inference import ModelFileError, open_model
 from boneage_keras.model import build_model
 
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture trained_run, built once there
-pytestmark = pytest.mark.xdist_group("trained_run")
-
 
 @pytest.fixture(scope="module")
 def evaluated(trained_run, tmp_path_factory):

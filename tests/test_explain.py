@@ -11,10 +11,6 @@ from boneage_keras.explain import _CamParts, grad_cam
 from boneage_keras.images import load_image
 from boneage_keras.inference import open_model
 
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture trained_run, built once there
-pytestmark = pytest.mark.xdist_group("trained_run")
-
 
 @pytest.fixture(scope="module")
 def val_images(trained_run, bulk_dir):

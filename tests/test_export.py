@@ -14,10 +14,6 @@ from conftest import cli_here
 from boneage_keras.export import ExportError, export_model
 from boneage_keras.inference import ModelFileError
 
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture backend_runs, built once there
-pytestmark = pytest.mark.xdist_group("backend_runs")
-
 IDS = ("1378", "1379", "1380", "1381", "1382", "1383")
 
 

@@ -24,10 +24,6 @@ from boneage_keras.inference import (
 from boneage_keras.metrics import interval_calibration
 from boneage_keras.model import build_model
 
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture trained_run, built once there
-pytestmark = pytest.mark.xdist_group("trained_run")
-
 
 def _val_paths(run, bulk_dir, n=24):
     split = pd.read_csv(run / "split.csv", dtype={"id": str})

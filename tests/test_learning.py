@@ -2,13 +2,8 @@
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from boneage_keras.evaluate import evaluate_run
-
-# one pytest-xdist worker runs every test of this module: they share conftest's
-# session fixture trained_run, built once there
-pytestmark = pytest.mark.xdist_group("trained_run")
 
 
 def test_beats_training_mean_on_real_images(trained_run):

@@ -6,7 +6,7 @@
       -> global average pooling
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
-                                                        (relu: model.head_activation)
+                                                        (activation: model.head_activation)
       -> Dense(1) -> LabelScale (x * std + mean)        float32 months
 
 Grayscale and ImageNet weights: the gray channel is repeated three times, so the

@@ -9,7 +9,7 @@ reader), batch, augment training batches only, and yield ``(image, boneage)`` or
   then kept off the GPU, see :func:`tensorflow_for_input`), and augments with the
   keras-cv engine.
 * ``pydataset`` needs no TensorFlow: worker threads decode and augment batches ahead
-  of the model, with either engine.
+  of the model, with any engine.
 * ``auto`` (default) is ``tfdata`` where TensorFlow is installed and the augmentation
   engine is keras-cv, else ``pydataset``.
 

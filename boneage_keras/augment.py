@@ -1,20 +1,23 @@
 """Training-time augmentation from the config, on one of three engines.
 
 One table (``STAGES``) maps each ``augment`` config key to its layer and to the layer's
-arguments, in application order; both engines build from it, so a key means the same
-on both (rotation in degrees, brightness as a fraction of the 0-255 range, ...):
+arguments, in application order; every engine builds from it, so a key means the same
+on each (rotation in degrees, brightness as a fraction of the 0-255 range, ...):
 
 * ``keras-cv`` (the design card's path): keras-cv layers, TensorFlow ops, run inside
   the tf.data pipeline (or a PyDataset through ``tf.function``). Needs TensorFlow.
 * ``keras``: Keras 3 core preprocessing layers (``keras.layers.RandomFlip``, ...) plus
   our :class:`SaltAndPepper` on ``keras.random``, computed by the active backend (torch,
   JAX or TensorFlow) on the CPU, in the PyDataset's worker threads. No TensorFlow.
+* ``numpy``: every stage in NumPy (``augment_numpy.py``), the geometric ones fused into
+  one warp per image, in the PyDataset's worker threads. No TensorFlow, no framework.
 
 ``augment.engine: auto`` picks ``keras-cv`` where TensorFlow and keras-cv import, else
-``numpy`` (seven times faster than ``keras`` for the ResNet18 study's eight stages). Every layer gets its own seed, derived from ``train.seed`` and the layer's
-place in the table, so the layers' random draws are independent (one shared seed would
-tie them: a flipped image would always rotate the same way). The ``keras`` and ``numpy``
-engines draw each batch from a seed of (epoch, batch), so its augmentation is reproducible
+``numpy`` (seven times faster than ``keras`` for the ResNet18 study's eight stages).
+Every layer gets its own seed, derived from ``train.seed`` and the layer's place in the
+table, so the layers' random draws are independent (one shared seed would tie them: a
+flipped image would always rotate the same way). The ``keras`` and ``numpy`` engines
+draw each batch from a seed of (epoch, batch), so their augmentation is reproducible
 whatever the worker threads' timing, and a resumed run continues with new draws.
 
 Images are float32 batches (batch, size, size, 1) with values 0-255; geometric stages
@@ -119,7 +122,7 @@ def _flip(cfg: AugmentConfig, size: int) -> dict | None:
 
 
 def _rotation(cfg: AugmentConfig, size: int) -> dict | None:
-    # both engines: factor is a fraction of a full turn, angle in [-factor, factor]
+    # every engine: factor is a fraction of a full turn, angle in [-factor, factor]
     return {"factor": cfg.rotation_degrees / 360.0, **FILL} if cfg.rotation_degrees else None
 
 
@@ -165,7 +168,7 @@ def _salt_pepper(cfg: AugmentConfig, size: int) -> dict | None:
 @dataclass(frozen=True)
 class Stage:
     key: str                                            # augment.<key> in the config
-    layer: str                                          # class name in both engines
+    layer: str                                          # class name in keras-cv and Keras
     arguments: Callable[[AugmentConfig, int], dict | None]
 
 

@@ -26,43 +26,38 @@ import numpy as np
 def _affine(stages: dict[str, dict], n: int, size: int, rng: np.random.Generator
             ) -> np.ndarray:
     """(n, 3, 3) maps from output to input pixel coordinates, both centred, as the
-    flip, rotation, translation, zoom and shear layers compose in table order (the
-    first layer's inverse map is applied last to the output coordinates)."""
-    m = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
-
-    def then(step: np.ndarray) -> None:      # one more layer after those so far
-        nonlocal m
-        m = m @ step
-
+    flip, rotation, translation, zoom and shear layers compose in table order: warping
+    by A and then by B reads the input at A @ B (tests/test_augment.py)."""
+    m = np.tile(np.eye(3), (n, 1, 1))
     if "RandomFlip" in stages:
-        step = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+        step = np.tile(np.eye(3), (n, 1, 1))
         step[:, 0, 0] = np.where(rng.random(n) < 0.5, -1.0, 1.0)
-        then(step)
+        m = m @ step
     if "RandomRotation" in stages:
         limit = stages["RandomRotation"]["factor"] * 2 * np.pi
         angle = rng.uniform(-limit, limit, n)
         cos, sin = np.cos(angle), np.sin(angle)
-        step = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+        step = np.tile(np.eye(3), (n, 1, 1))
         step[:, 0, 0], step[:, 0, 1], step[:, 1, 0], step[:, 1, 1] = cos, -sin, sin, cos
-        then(step)
+        m = m @ step
     if "RandomTranslation" in stages:
         a = stages["RandomTranslation"]
-        step = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
-        step[:, 0, 2] = -rng.uniform(-1, 1, n) * a["width_factor"] * size
-        step[:, 1, 2] = -rng.uniform(-1, 1, n) * a["height_factor"] * size
-        then(step)
+        step = np.tile(np.eye(3), (n, 1, 1))
+        step[:, 0, 2] = rng.uniform(-1, 1, n) * a["width_factor"] * size
+        step[:, 1, 2] = rng.uniform(-1, 1, n) * a["height_factor"] * size
+        m = m @ step
     if "RandomZoom" in stages:
         low, high = stages["RandomZoom"]["height_factor"]
         z = 1.0 + rng.uniform(low, high, n)      # the image shows at scale 1 / z
-        step = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+        step = np.tile(np.eye(3), (n, 1, 1))
         step[:, 0, 0], step[:, 1, 1] = z, z
-        then(step)
+        m = m @ step
     if "RandomShear" in stages:
         a = stages["RandomShear"]
-        step = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+        step = np.tile(np.eye(3), (n, 1, 1))
         step[:, 0, 1] = rng.uniform(-a["x_factor"], a["x_factor"], n)
         step[:, 1, 0] = rng.uniform(-a["y_factor"], a["y_factor"], n)
-        then(step)
+        m = m @ step
     return m
 
 

@@ -98,7 +98,7 @@ def test_random_crop_cuts_image_size(batch, engine):
     assert out.shape == (8, SIZE, SIZE, 1)
 
 
-# --- the two engines draw from the same ranges (measured on real images) -----------
+# --- the engines draw from the same ranges (measured on real images) -----------
 
 
 def _best_angle(original, out, flips=(False,)):

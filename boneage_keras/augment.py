@@ -16,9 +16,11 @@ on each (rotation in degrees, brightness as a fraction of the 0-255 range, ...):
 ``numpy`` (seven times faster than ``keras`` for the ResNet18 study's eight stages).
 Every layer gets its own seed, derived from ``train.seed`` and the layer's place in the
 table, so the layers' random draws are independent (one shared seed would tie them: a
-flipped image would always rotate the same way). The ``keras`` and ``numpy`` engines
-draw each batch from a seed of (epoch, batch), so their augmentation is reproducible
-whatever the worker threads' timing, and a resumed run continues with new draws.
+flipped image would always rotate the same way). Every engine draws each batch from a
+seed of its own, so augmentation is reproducible whatever the threads' timing: the
+``keras`` and ``numpy`` engines and keras-cv in a PyDataset from (epoch, batch),
+keras-cv in tf.data from a seeded random stream that the pipeline pairs with its
+batches. A resumed run continues with new draws.
 
 Images are float32 batches (batch, size, size, 1) with values 0-255; geometric stages
 fill uncovered pixels with black, like the radiograph background. Augmentation never
@@ -224,6 +226,7 @@ class Augmenter:
         self.seed = seed
         self.device: str | None = "cpu"   # keras engine; None: the backend's default
         self._local = threading.local()
+        self._lock = threading.Lock()
         self.stages = active_stages(cfg, image_size)
         self.tf_function: Callable | None = None
         self._traced: Callable | None = None
@@ -274,12 +277,15 @@ class Augmenter:
     def augment_batch(self, images: np.ndarray, epoch: int = 0, batch: int = 0) -> np.ndarray:
         images = np.asarray(images, np.float32)
         if self.engine == "keras-cv":
-            if self._traced is None:
-                import tensorflow as tf
+            import tensorflow as tf
 
-                spec = tf.TensorSpec([None, None, None, 1], tf.float32)
-                self._traced = tf.function(self.tf_function, input_signature=[spec])
-            return self._traced(images).numpy()
+            with self._lock:    # the layers' generators are shared: one batch at a time
+                if self._traced is None:
+                    specs = [tf.TensorSpec([None, None, None, 1], tf.float32),
+                             tf.TensorSpec([2], tf.int64)]
+                    self._traced = tf.function(self.tf_function, input_signature=specs)
+                seed = tf.constant([layer_seed(self.seed, epoch, batch), 0], tf.int64)
+                return self._traced(images, seed).numpy()
         if self._numpy is not None:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, batch]))
             return self._numpy(images, rng)

@@ -53,13 +53,68 @@ def kerascv_layer(stage: Any, arguments: dict, seed: int) -> Any:
     return getattr(keras_cv.layers, stage.layer)(seed=seed, **arguments)
 
 
-def build_stack(stages: list[tuple[Any, dict, int]],
-                value_range: tuple[float, float]) -> Callable[[tf.Tensor], tf.Tensor]:
-    """A TensorFlow function batch -> augmented batch (float32, clipped to the range)
-    over ``(stage, arguments, seed)`` in order."""
-    layers = [kerascv_layer(stage, arguments, seed) for stage, arguments, seed in stages]
+class GeneratorUniform(keras_cv.core.FactorSampler):
+    """A uniform factor sampler drawing from a generator of its own. keras-cv's
+    ``UniformFactorSampler`` (shear, brightness, contrast, blur sigma) draws with
+    ``tf.random.uniform``, from TensorFlow's global state, which no seed per batch can
+    reach; each one is replaced by this, with the same range."""
 
-    def augment(images):
+    def __init__(self, lower: float, upper: float, seed: int) -> None:
+        self.lower, self.upper = lower, upper
+        self.generator = tf.random.Generator.from_seed(seed)
+
+    def __call__(self, shape=(), dtype="float32"):
+        return self.generator.uniform(shape, minval=self.lower, maxval=self.upper,
+                                      dtype=dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"lower": self.lower, "upper": self.upper}
+
+
+def _generators(layers: list[Any], seed: int) -> list[tf.random.Generator]:
+    """Every random generator of ``layers`` and their sublayers (RandomApply wraps the
+    blur layer), in a fixed order, after replacing their uniform factor samplers with
+    :class:`GeneratorUniform` ones."""
+    found: list[tf.random.Generator] = []
+    for layer in layers:
+        for sub in [layer, *layer._flatten_layers(include_self=False)]:
+            for name, value in sorted(vars(sub).items()):
+                if isinstance(value, keras_cv.core.UniformFactorSampler):
+                    value = GeneratorUniform(value.lower, value.upper, seed + len(found))
+                    setattr(sub, name, value)
+                generator = value.generator if isinstance(value, GeneratorUniform) else value
+                if isinstance(generator, tf.random.Generator) and all(
+                        generator is not g for g in found):
+                    found.append(generator)
+    return found
+
+
+def _reseed(generators: list[tf.random.Generator], seed: tf.Tensor) -> None:
+    """Set every generator's state from ``seed`` (int64, shape [2]) and its place: the
+    draws that follow depend on ``seed`` alone, not on what was drawn before."""
+    for index, generator in enumerate(generators):
+        key = tf.cast(tf.random.experimental.stateless_fold_in(seed, index), tf.int64)
+        size = int(generator.state.shape[0])
+        generator.reset(tf.concat([tf.zeros([size - 2], tf.int64), key[::-1]], 0))
+
+
+def build_stack(stages: list[tuple[Any, dict, int]],
+                value_range: tuple[float, float]) -> Callable[[tf.Tensor, tf.Tensor],
+                                                              tf.Tensor]:
+    """A TensorFlow function (batch, seed) -> augmented batch (float32, clipped to the
+    range) over ``(stage, arguments, seed)`` in order.
+
+    keras-cv layers draw from stateful generators, shared by every call: before each
+    batch they are set from its ``seed`` (int64, shape [2]), so a batch's draws do not
+    depend on how many batches were drawn before (an iterator that Keras opens and
+    drops to look at the first batch, or threads racing). Calls must not overlap: the
+    tf.data map that calls this runs one call at a time, PyDataset workers take a lock.
+    """
+    layers = [kerascv_layer(stage, arguments, seed) for stage, arguments, seed in stages]
+    generators = _generators(layers, stages[0][2] if stages else 0)
+
+    def augment(images, seed):
+        _reseed(generators, seed)
         images = tf.cast(images, tf.float32)
         for layer in layers:
             images = layer(images)

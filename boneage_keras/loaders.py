@@ -108,7 +108,7 @@ def resolve_loader(cfg: Config, training: bool = True) -> str:
     return loader
 
 
-def pipeline_options(deterministic: bool = True) -> Any:
+def pipeline_options() -> Any:
     """tf.data options for every pipeline we build, autotuning off.
 
     Measured (TensorFlow backend, 2-core CPU, ResNet50 64 px batch 16, 10-step epochs):
@@ -116,11 +116,12 @@ def pipeline_options(deterministic: bool = True) -> Any:
     20.48 s for 13-14 s of steps: tf.data's autotune loop, which wakes on a doubling
     period, held the iterator's teardown), so fit cost 1.4x train_on_batch; with it off,
     fit / train_on_batch = 0.97 over 6 of 6 epochs. Parallelism is set explicitly
-    instead: one decode/augment call per CPU core, two batches prefetched.
+    instead: one decode call per CPU core, two batches prefetched. Deterministic: the
+    parallel maps keep their order, so a seed gives the same batches every run.
     """
     tf = tensorflow_for_input()
     options = tf.data.Options()
-    options.deterministic = deterministic
+    options.deterministic = True
     options.autotune.enabled = False
     return options
 
@@ -168,21 +169,32 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
                         reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.with_options(pipeline_options(deterministic=not training))
+    ds = ds.with_options(pipeline_options())
     use_sex = cfg.model.use_sex
     augment = augmenter.tf_function if training and augmenter is not None else None
 
-    def finish(images, ok, sex, labels):
+    def finish(images, ok, sex, labels, seed=None):
         images = tf.cast(images, tf.float32)
         if augment is not None:
-            images = augment(images)
+            images = augment(images, seed)
         # an image that failed to decode weighs 0 (filtering it out instead would hide
         # the epoch's length from fit)
         return (*_pack(images, sex, labels, use_sex), tf.cast(ok, tf.float32))
 
     ds = ds.map(load, num_parallel_calls=parallel_calls())
     ds = ds.batch(cfg.train.batch_size)
-    ds = ds.map(finish, num_parallel_calls=parallel_calls())
+    if augment is None:
+        ds = ds.map(finish, num_parallel_calls=parallel_calls())
+    else:
+        # Each batch's draws come from a seed of its own, paired with it from a seeded
+        # stream that starts anew (and differently) with each pass over the data, like
+        # the shuffle: reproducible however many batches an earlier iterator took
+        # (Keras' fit opens one to look at the first batch, and drops it). The
+        # keras-cv layers' generators are shared, so the map runs one batch at a time.
+        seeds = tf.data.Dataset.random(seed=layer_seed(cfg.train.seed, start_epoch, 1),
+                                       rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda batch, seed: finish(*batch, seed=seed))
     return ds.prefetch(PREFETCH_BATCHES)
 
 

@@ -205,7 +205,7 @@ def test_flip_and_rotation_draws_are_independent(sample_dir, engine):
     assert all(n >= 4 for n in counts.values()), counts
 
 
-@pytest.mark.parametrize("engine", ("keras", "numpy"))
+@pytest.mark.parametrize("engine", ("keras", "numpy", "keras-cv"))
 def test_engine_draws_per_epoch_and_batch(batch, engine):
     augmenter = build_augmenter(AugmentConfig(**{**OFF, "rotation_degrees": 15}), SIZE,
                                 seed=2, engine=engine)

@@ -2,7 +2,8 @@
 
     image (S, S, 1) uint8-valued float 0-255
       -> GrayPreprocess   repeat to 3 channels + the backbone's ImageNet normalisation
-      -> backbone         ResNet50 (default), ResNet18 (ours), EfficientNetB0, InceptionV3
+      -> backbone         ResNet50 (default), ResNet18 (ours; model.width scales its
+                          channels), EfficientNetB0, InceptionV3
       -> global average pooling
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
@@ -117,16 +118,21 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
     return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
-def resnet18(input_shape: tuple[int, int, int]) -> keras.Model:
+def resnet18(input_shape: tuple[int, int, int], width: float = 1.0) -> keras.Model:
     """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, avg-pooled.
 
     Keras ships no ResNet18; this compact definition matches torchvision's layout
-    (including its batch-norm momentum, 0.1 there = 0.9 in Keras).
+    (including its batch-norm momentum, 0.1 there = 0.9 in Keras). ``width`` scales
+    every layer's channels (64-128-256-512 at 1.0; 0.5: 32-64-128-256, about a quarter
+    of the multiply-adds and parameters).
     """
+    def channels(n: int) -> int:
+        return max(8, round(n * width))
+
     inputs = keras.Input(input_shape)
-    x = _conv_bn(inputs, 64, 7, 2, "stem")
+    x = _conv_bn(inputs, channels(64), 7, 2, "stem")
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
-    for stage, filters in enumerate((64, 128, 256, 512), start=1):
+    for stage, filters in enumerate(map(channels, (64, 128, 256, 512)), start=1):
         for block in range(2):
             stride = 2 if stage > 1 and block == 0 else 1
             name = f"stage{stage}_block{block}"
@@ -140,8 +146,10 @@ def resnet18(input_shape: tuple[int, int, int]) -> keras.Model:
     return keras.Model(inputs, x, name="resnet18")
 
 
-def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
-    """A headless, average-pooled backbone with ImageNet, no, or file weights."""
+def build_backbone(name: str, image_size: int, weights: str | None,
+                   width: float = 1.0) -> keras.Model:
+    """A headless, average-pooled backbone with ImageNet, no, or file weights;
+    ``width`` (ResNet18 only) scales its channels."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
                          + ", ".join(BACKBONE_SPECS) + ".")
@@ -151,7 +159,7 @@ def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Mod
         if weights == "imagenet":
             raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
                                "model.weights=none or a path to a weights file you saved.")
-        backbone = resnet18(shape)
+        backbone = resnet18(shape, width)
         if weights is not None:
             _load_weights_file(backbone, weights)
         return backbone
@@ -198,7 +206,7 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     image = keras.Input((size, size, 1), name="image")
     x = GrayPreprocess(mode, size, geometry(d), cfg.augment.random_crop, m.standardize,
                        name="preprocess")(image)
-    x = build_backbone(m.backbone, size, m.weights)(x)
+    x = build_backbone(m.backbone, size, m.weights, m.width)(x)
     inputs: Any = image
     if m.use_sex:
         male = keras.Input((1,), name="male")

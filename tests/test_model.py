@@ -121,6 +121,23 @@ def test_head_activation_from_config_survives_saving(tmp_path):
         assert (out < 0).all() if passes else (out == 0).all(), (name, out)
 
 
+def test_resnet18_width_scales_channels_and_survives_saving(tmp_path):
+    """model.width 0.5: every ResNet18 layer at half its channels (about a quarter of
+    the backbone's weights), and a reloaded model is the same network."""
+    full = build_model(_cfg("model.backbone=resnet18"))
+    half = build_model(_cfg("model.backbone=resnet18", "model.width=0.5"))
+    backbone = half.get_layer("resnet18")
+    assert backbone.output.shape[-1] == 256 and backbone.get_layer("stem_conv").filters == 32
+    ratio = backbone.count_params() / full.get_layer("resnet18").count_params()
+    assert 0.2 < ratio < 0.3, ratio
+    half.save(tmp_path / "half.keras")
+    again = load_model(str(tmp_path / "half.keras"))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    assert again.get_layer("resnet18").count_params() == backbone.count_params()
+    np.testing.assert_allclose(again.predict(x, verbose=0), half.predict(x, verbose=0),
+                               atol=1e-5)
+
+
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
     """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
     from conftest import run_python

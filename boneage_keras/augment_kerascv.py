@@ -57,11 +57,12 @@ class GeneratorUniform(keras_cv.core.FactorSampler):
     """A uniform factor sampler drawing from a generator of its own. keras-cv's
     ``UniformFactorSampler`` (shear, brightness, contrast, blur sigma) draws with
     ``tf.random.uniform``, from TensorFlow's global state, which no seed per batch can
-    reach; each one is replaced by this, with the same range."""
+    reach; each one is replaced by this, with the same range. Its state is set before
+    every batch (:func:`_reseed`), so its initial seed does not matter."""
 
-    def __init__(self, lower: float, upper: float, seed: int) -> None:
+    def __init__(self, lower: float, upper: float) -> None:
         self.lower, self.upper = lower, upper
-        self.generator = tf.random.Generator.from_seed(seed)
+        self.generator = tf.random.Generator.from_seed(0)
 
     def __call__(self, shape=(), dtype="float32"):
         return self.generator.uniform(shape, minval=self.lower, maxval=self.upper,
@@ -71,16 +72,16 @@ class GeneratorUniform(keras_cv.core.FactorSampler):
         return {"lower": self.lower, "upper": self.upper}
 
 
-def _generators(layers: list[Any], seed: int) -> list[tf.random.Generator]:
-    """Every random generator of ``layers`` and their sublayers (RandomApply wraps the
-    blur layer), in a fixed order, after replacing their uniform factor samplers with
-    :class:`GeneratorUniform` ones."""
+def _take_generators(layers: list[Any]) -> list[tf.random.Generator]:
+    """Replace the uniform factor samplers of ``layers`` and their sublayers (RandomApply
+    wraps the blur layer) with :class:`GeneratorUniform` ones, and return every random
+    generator they then draw from, in a fixed order."""
     found: list[tf.random.Generator] = []
     for layer in layers:
         for sub in [layer, *layer._flatten_layers(include_self=False)]:
             for name, value in sorted(vars(sub).items()):
                 if isinstance(value, keras_cv.core.UniformFactorSampler):
-                    value = GeneratorUniform(value.lower, value.upper, seed + len(found))
+                    value = GeneratorUniform(value.lower, value.upper)
                     setattr(sub, name, value)
                 generator = value.generator if isinstance(value, GeneratorUniform) else value
                 if isinstance(generator, tf.random.Generator) and all(
@@ -111,7 +112,7 @@ def build_stack(stages: list[tuple[Any, dict, int]],
     tf.data map that calls this runs one call at a time, PyDataset workers take a lock.
     """
     layers = [kerascv_layer(stage, arguments, seed) for stage, arguments, seed in stages]
-    generators = _generators(layers, stages[0][2] if stages else 0)
+    generators = _take_generators(layers)
 
     def augment(images, seed):
         _reseed(generators, seed)

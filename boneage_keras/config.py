@@ -84,6 +84,7 @@ class ModelConfig:
     use_sex: bool = False
     standardize: bool = False  # each image to the same mean and spread, in the model
     width: float = 1.0  # ResNet18's channels scaled (0.5: 32-64-128-256); others: 1 only
+    stem_pool: bool = True  # ResNet18's stem max-pool; false: stages at twice the resolution
 
 
 @dataclass
@@ -276,6 +277,8 @@ def _validate(cfg: Config) -> None:
     check(finite(m.width) and 0.125 <= m.width <= 4 and (m.width == 1 or m.backbone == "resnet18"),
           "model.width", m.width, "0.125 <= x <= 4, and 1 unless model.backbone is resnet18 "
           "(the Keras applications have fixed widths)")
+    check(m.stem_pool or m.backbone == "resnet18", "model.stem_pool", m.stem_pool,
+          "true unless model.backbone is resnet18 (the Keras applications have a fixed stem)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")

@@ -72,6 +72,7 @@ def test_dotted_and_bare_overrides():
     ("model.head_activation=tanh", ["model.head_activation", "leaky_relu"]),
     ("model.width=0.5", ["model.width", "resnet18"]),          # default: ResNet50
     ("model.width=0", ["model.width", "0.125 <= x <= 4"]),
+    ("model.stem_pool=false", ["model.stem_pool", "resnet18"]),  # default: ResNet50
 ])
 def test_bad_override_names_key_and_allowed(override, words):
     with pytest.raises(ConfigError) as err:

@@ -138,6 +138,25 @@ def test_resnet18_width_scales_channels_and_survives_saving(tmp_path):
                                atol=1e-5)
 
 
+def test_resnet18_without_stem_pool_keeps_twice_the_resolution(tmp_path):
+    """model.stem_pool false: the same weights, every stage at twice the resolution (the
+    last feature map 3x3 -> 6x6 at 96 px), and a reloaded model is the same network."""
+    cfg = ("model.backbone=resnet18", "model.width=0.25", "data.image_size=96")
+    pooled = build_model(_cfg(*cfg)).get_layer("resnet18")
+    fine = build_model(_cfg(*cfg, "model.stem_pool=false"))
+    backbone = fine.get_layer("resnet18")
+    assert backbone.count_params() == pooled.count_params()
+    last = "stage4_block1_out"
+    assert pooled.get_layer(last).output.shape[1:3] == (3, 3)
+    assert backbone.get_layer(last).output.shape[1:3] == (6, 6)
+    fine.save(tmp_path / "fine.keras")
+    again = load_model(str(tmp_path / "fine.keras"))
+    x = np.random.default_rng(1).uniform(0, 255, (2, 96, 96, 1)).astype("float32")
+    assert "stem_pool" not in [layer.name for layer in again.get_layer("resnet18").layers]
+    np.testing.assert_allclose(again.predict(x, verbose=0), fine.predict(x, verbose=0),
+                               atol=1e-5)
+
+
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
     """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
     from conftest import run_python

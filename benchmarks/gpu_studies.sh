@@ -82,9 +82,9 @@ if [[ $ONLY == *" screen "* ]]; then
   (  # the CPU-recipe screen, one after another (cpu-bench itself, batch 16, Adam 2e-3
      # and MSE were screened in the first GPU session; README), on cpu-bench as it was
      # then: full width, the stem's max-pool, no shifts, 24 epochs
-    then=(--set model.width=1 --set model.stem_pool=true --set train.epochs=24)
-    train cpu-bench-shift cpu-bench "$(workers 2)" "${then[@]}" --set augment.translation=0.05
-    train cpu-bench-affine cpu-bench "$(workers 2)" "${then[@]}" --set augment.translation=0.05 \
+    as_screened=(--set model.width=1 --set model.stem_pool=true --set train.epochs=24)
+    train cpu-bench-shift cpu-bench "$(workers 2)" "${as_screened[@]}" --set augment.translation=0.05
+    train cpu-bench-affine cpu-bench "$(workers 2)" "${as_screened[@]}" --set augment.translation=0.05 \
       --set augment.rotation_degrees=5 --set "augment.scale=[0.95,1.05]"
   ) &
   screen=$!

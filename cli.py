@@ -34,10 +34,8 @@ class FriendlyGroup(click.Group):
             if not isinstance(err, BoneAgeError):
                 raise
             click.echo(f"error: {err}", err=True)
-            from boneage_keras.distribute import LostProcess
-
-            if isinstance(err, LostProcess):   # skip the collectives' shut-down,
-                sys.stdout.flush()                  # which would wait for the lost one
+            if err.exit_at_once:      # skip the collectives' shut-down (a lost process)
+                sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)
             sys.exit(2)

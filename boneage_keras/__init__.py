@@ -10,7 +10,9 @@ custom layers and the ``ToleranceAccuracy`` metric, so plain
 __version__ = "0.2.0"
 
 from .console import native_stderr_silenced as _silenced
+from .extras import require_backend as _require_backend
 
+_require_backend()      # a missing backend: one line naming its install extra
 with _silenced():       # on the TensorFlow backend, importing Keras starts TensorFlow
     import keras  # noqa: F401
 

@@ -44,6 +44,7 @@ from keras import ops
 
 from .backend import importable, tensorflow_for_input
 from .config import AugmentConfig, ConfigError
+from .extras import install_hint
 
 VALUE_RANGE = (0.0, 255.0)
 ENGINES = ("keras-cv", "keras", "numpy")
@@ -64,8 +65,8 @@ def resolve_engine(engine: str) -> str:
         return "keras-cv" if tensorflow_available() else "numpy"
     if engine == "keras-cv" and not tensorflow_available():
         raise ConfigError("config key 'augment.engine': 'keras-cv' needs TensorFlow and "
-                          "keras-cv, which are not installed here: pip install tensorflow "
-                          "keras-cv, or set augment.engine=keras (Keras core layers).")
+                          "keras-cv, which are not installed here: "
+                          f"{install_hint('tensorflow')}, or set augment.engine=numpy.")
     if engine not in ENGINES:
         raise ConfigError(f"config key 'augment.engine': got {engine!r}, expected auto, "
                           + " or ".join(ENGINES) + ".")

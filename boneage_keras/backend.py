@@ -8,7 +8,6 @@ memory or a CUDA context from them.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import platform
 from typing import Any
@@ -16,13 +15,9 @@ from typing import Any
 import keras
 
 from .console import native_stderr_silenced
+from .extras import importable  # noqa: F401  (re-exported for the layers above)
 
 log = logging.getLogger(__name__)
-
-
-def importable(*names: str) -> bool:
-    """Whether every module named can be imported here (without importing it)."""
-    return all(importlib.util.find_spec(name) is not None for name in names)
 
 
 def tensorflow_for_input() -> Any:

@@ -1,7 +1,7 @@
 """Throughput figures: input pipelines (originals vs cache, with/without augmentation)
 and the training step (our ``fit`` vs a bare ``train_on_batch``) on the active backend.
 
-    >>> figures = run_bench(cfg, data_dir, images=300)   # cli.py bench prints them as JSON
+    >>> figures = run_bench(cfg, data_dir, images=300)   # boneage bench prints them as JSON
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def _peak_memory() -> dict[str, float]:
 
 def run_bench(cfg: Config, data_dir: str | None, images: int = 300,
               steps: int = 10, pipelines: bool = True, training: bool = True) -> dict[str, Any]:
-    """All figures as one dict (what ``cli.py bench`` prints). Pretrained weights do
+    """All figures as one dict (what ``boneage bench`` prints). Pretrained weights do
     not change the timing, so the model is built without them (nothing to download)."""
     cfg.model.weights = None
     if training and cfg.distribute.strategy == "data_parallel":

@@ -1,6 +1,6 @@
 """A preprocessing cache: every image decoded once, gray, squared and resized to N.
 
-    >>> prepare_cache("data/rsna-bone-age", size=256)      # or: cli.py prepare
+    >>> prepare_cache("data/rsna-bone-age", size=256)      # or: boneage prepare
     data/rsna-bone-age/.boneage-cache/256-pad/{images.npy, index.csv, meta.json}
 
 ``images.npy`` is one uint8 array (rows, N, N), read memory-mapped; ``index.csv`` maps
@@ -163,7 +163,7 @@ def find_cache(table: pd.DataFrame, data_dir: str | Path, image_size: int, resiz
         # each cache is checked against the images it was built from, now
         if meta["fingerprint"] != fingerprint(everything[everything["id"].isin(ids)]):
             log.warning("cache %s no longer matches the images (changed files): not used; "
-                        "run `cli.py prepare` again", folder)
+                        "run `boneage prepare` again", folder)
             continue
         return ImageCache.open(folder, table)
     return None
@@ -180,5 +180,5 @@ def reader_for(table: pd.DataFrame, data_dir: str | Path | None, image_size: int
                      cache.resize)
             return cache.load
     log.info("images: decoding the original files (no prepared cache fits; see "
-             "`cli.py prepare`)")
+             "`boneage prepare`)")
     return load_image

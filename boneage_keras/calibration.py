@@ -16,7 +16,7 @@
     >>> cal = fit_calibration(val_truth, val_predicted, val_std, level=0.9)
     >>> corrected, lower, upper = apply_calibration(cal, test_predicted, test_std)
 
-It is fitted once on validation predictions (``cli.py evaluate RUN --recalibrate``),
+It is fitted once on validation predictions (``boneage evaluate RUN --recalibrate``),
 stored in the run (``calibration.json``) and in an export's model.json, and applied by
 evaluate, predict and the exported model's users; it is never scored on the images it
 was fitted on.

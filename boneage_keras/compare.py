@@ -23,13 +23,13 @@ def _read_predictions(source: str | Path) -> tuple[pd.DataFrame, str]:
     if path.is_dir():
         path = path / "predictions.csv"
     if not path.is_file():
-        raise DataError(f"no predictions at {path}: run `cli.py evaluate` on that run first, "
+        raise DataError(f"no predictions at {path}: run `boneage evaluate` on that run first, "
                         "or pass a predictions.csv.")
     table = pd.read_csv(path, dtype={"id": str})
     missing = [c for c in ("id", "boneage", "predicted") if c not in table]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected a "
-                        "predictions.csv written by `cli.py evaluate`.")
+                        "predictions.csv written by `boneage evaluate`.")
     return table, str(path)
 
 

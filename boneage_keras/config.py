@@ -50,7 +50,7 @@ class DataConfig:
     age_range: list[float] = field(default_factory=lambda: [0.0, 240.0])  # months kept
     loader: Literal["auto", "tfdata", "pydataset"] = "auto"  # auto: tfdata if TF imports
     workers: int = 2
-    use_cache: bool = True  # read a `cli.py prepare` cache when one fits
+    use_cache: bool = True  # read a `boneage prepare` cache when one fits
     cache_dir: str | None = None  # None: <data_dir>/.boneage-cache
 
 

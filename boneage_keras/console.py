@@ -4,7 +4,7 @@
   no colour codes) when the output goes to a file or a pipe.
 * :func:`native_stderr_silenced` hides what TensorFlow's C++ core writes to the
   process's stderr while it starts (oneDNN, CUDA driver and cuInit lines, which its
-  ``TF_CPP_MIN_LOG_LEVEL`` no longer controls); ``BONEAGE_VERBOSE=1`` (``cli.py
+  ``TF_CPP_MIN_LOG_LEVEL`` no longer controls); ``BONEAGE_VERBOSE=1`` (``boneage
   --verbose``) shows them.
 """
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BoneAgeError
+from .extras import install_hint
 from .files import may_write, write_csv
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ def download_dataset() -> Path:
     try:
         import kagglehub
     except ImportError:
-        raise DataError("no data directory given and kagglehub is not installed. " + how) \
-            from None
+        raise DataError("no data directory given and kagglehub is not installed "
+                        f"({install_hint('kagglehub')}). " + how) from None
     log.info("downloading %s with kagglehub ...", KAGGLE_DATASET)
     try:
         path = kagglehub.dataset_download(KAGGLE_DATASET)

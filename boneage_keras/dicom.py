@@ -58,7 +58,7 @@ def _pydicom():
         import pydicom
     except ImportError:
         raise DicomError("reading DICOM files needs pydicom: pip install pydicom "
-                         "(or pip install 'boneage-keras[dicom]').") from None
+                         "(or pip install \"boneage-keras[dicom]\").") from None
     return pydicom
 
 

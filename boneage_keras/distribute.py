@@ -58,6 +58,8 @@ class LostProcess(DistributeError):
     """Another process of this run went away mid-step: this one stops (its collectives'
     shut-down would wait for the lost one, so the CLI exits at once)."""
 
+    exit_at_once = True
+
 
 def shard(order: np.ndarray, global_batch: int, processes: int, index: int) -> np.ndarray:
     """Process ``index``'s part of one epoch's ``order`` (positions into the split),
@@ -161,7 +163,7 @@ class Replicas:
         return LostProcess(
             f"{self.name} lost {lost} ({str(err).splitlines()[0][:160]}); this process "
             f"stops. Everything up to the last finished epoch is in {run_dir}: continue "
-            f"with `cli.py train --resume {run_dir}` (any number of replicas), or let "
+            f"with `boneage train --resume {run_dir}` (any number of replicas), or let "
             "torchrun --max-restarts do it.")
 
 
@@ -470,8 +472,8 @@ def _setup_torch(cfg: Config) -> Replicas:
         if torch.cuda.device_count() > 1:
             raise ConfigError("distribute.strategy=data_parallel on torch runs one process "
                               "per GPU: launch with `torchrun --nproc_per_node "
-                              f"{torch.cuda.device_count()} cli.py train ...` (README: "
-                              "More than one GPU).")
+                              f"{torch.cuda.device_count()} cli.py train ...` "
+                              "(docs/distributed.md).")
         log.info("data parallel on torch without torchrun: one replica")
         return Replicas(backend="torch", strategy="data_parallel")
     cuda = torch.cuda.is_available()

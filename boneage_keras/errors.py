@@ -7,3 +7,7 @@ and prints one line (what, where, how to fix) with exit code 2, never a tracebac
 
 class BoneAgeError(Exception):
     """Bad input, or a state the user can fix; the message says what and how."""
+
+    # True: the command line exits without the interpreter's shut-down (which could
+    # wait on collectives of a lost process)
+    exit_at_once = False

@@ -246,7 +246,7 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     for run in runs:
         if not (run / "config.yaml").is_file() or not (run / "split.csv").is_file():
             raise ModelFileError(f"{run} is not a run directory (config.yaml and split.csv "
-                                 "expected); pass one written by `cli.py train`, or use "
+                                 "expected); pass one written by `boneage train`, or use "
                                  "--model FILE --data-dir DIR.")
     first = runs[0]
     cfg = load_config(first / "config.yaml")

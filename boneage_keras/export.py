@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BoneAgeError
+from .extras import install_hint
 
 FORMATS = ("keras", "savedmodel", "onnx")
 
@@ -68,7 +69,7 @@ def _source(source: str | Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         if not (path / "best.keras").is_file():
             raise ExportError(f"{path} holds no best.keras; pass a run directory written by "
-                              "`cli.py train` or a .keras file.")
+                              "`boneage train` or a .keras file.")
         return path / "best.keras", path
     if path.suffix != ".keras" or not path.is_file():
         raise ExportError(f"model not found or not a .keras file: {path}.")
@@ -124,19 +125,20 @@ def _available(wanted_all: bool, formats: list[str]) -> tuple[list[str], dict[st
     has_tf = importlib.util.find_spec("tensorflow") is not None
     if "savedmodel" in formats and not has_tf:
         missing["savedmodel"] = ("the savedmodel format needs TensorFlow, which is not "
-                                 "installed here: pip install tensorflow (the keras and "
-                                 "onnx formats need no TensorFlow)")
+                                 f"installed here: {install_hint('tensorflow')} (the "
+                                 "keras and onnx formats need no TensorFlow)")
     if "onnx" in formats:
         backend = keras.backend.backend()
         needs = ["onnx", "onnxruntime"] + (["tf2onnx"] if backend != "torch" else [])
         absent = [m for m in needs if importlib.util.find_spec(m) is None]
         if backend == "jax" and not has_tf:
             missing["onnx"] = ("ONNX from the JAX backend is written through TensorFlow "
-                               "(tf2onnx), which is not installed here: pip install "
-                               "tensorflow tf2onnx, or export with KERAS_BACKEND=torch")
+                               "(tf2onnx), which is not installed here: "
+                               f"{install_hint('tensorflow', 'tf2onnx')}, or export with "
+                               "KERAS_BACKEND=torch")
         elif absent:
-            missing["onnx"] = (f"the onnx format needs {', '.join(absent)}: pip install "
-                               "'boneage-keras[export]'")
+            missing["onnx"] = (f"the onnx format needs {', '.join(absent)}: "
+                               f"{install_hint(*absent)}")
     if missing and not wanted_all:
         raise ExportError("; ".join(missing.values()) + ".")
     return [f for f in formats if f not in missing], missing
@@ -161,7 +163,7 @@ def _check_out(out: Path, source: Path, overwrite: bool) -> None:
     except (OSError, ValueError, AttributeError):
         written_by = None
     if not resolved.is_dir() or written_by != EXPORT_MARK:
-        raise ExportError(f"--out {out} exists and was not written by `cli.py export` (no "
+        raise ExportError(f"--out {out} exists and was not written by `boneage export` (no "
                           "model.json of an export in it); --overwrite replaces only "
                           "earlier exports. Choose another --out.")
     strangers = sorted(p.name for p in resolved.iterdir() if p.name not in EXPORT_FILES)

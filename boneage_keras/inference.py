@@ -35,6 +35,7 @@ from . import console
 from .calibration import apply_calibration
 from .data import IMAGE_SUFFIXES, DataError, parse_sex, sex_or_error
 from .errors import BoneAgeError
+from .extras import install_hint
 from .files import check_output_file, write_csv
 from .images import ImageError, load_image
 from .model import load_model, preprocessing_of
@@ -112,7 +113,7 @@ class SavedModelPredictor:
             import tensorflow as tf
         except ImportError:
             raise ModelFileError(f"{path} is a TensorFlow SavedModel and TensorFlow is not "
-                                 "installed here: pip install tensorflow, or use the "
+                                 f"installed here: {install_hint('tensorflow')}, or use the "
                                  "model.keras or model.onnx of the same export.") from None
         self.tf = tf
         self.name = str(path)
@@ -120,7 +121,7 @@ class SavedModelPredictor:
             self.signature = tf.saved_model.load(str(path)).signatures["preprocessed"]
         except Exception as err:  # noqa: BLE001 (TF raises many types for broken files)
             raise ModelFileError(f"{path} cannot be loaded as a SavedModel written by "
-                                 f"`cli.py export` ({type(err).__name__}: "
+                                 f"`boneage export` ({type(err).__name__}: "
                                  f"{str(err).splitlines()[0][:200]}); export it again."
                                  ) from None
         self.preprocessing = _preprocessing_from_meta(meta)
@@ -139,15 +140,15 @@ class OnnxPredictor:
         try:
             import onnxruntime
         except ImportError:
-            raise ModelFileError("onnxruntime is not installed: pip install onnxruntime "
-                                 f"to run {path}.") from None
+            raise ModelFileError(f"running {path} needs onnxruntime, which is not installed "
+                                 f"here: {install_hint('onnxruntime')}.") from None
         self.name = str(path)
         try:
             self.session = onnxruntime.InferenceSession(str(path))
         except Exception as err:  # noqa: BLE001 (onnxruntime raises its own types)
             raise ModelFileError(f"{path} is not a readable ONNX model "
                                  f"({str(err).splitlines()[0][:200]}); export it again "
-                                 "with `cli.py export`.") from None
+                                 "with `boneage export`.") from None
         inputs = self.session.get_inputs()
         self.names = [i.name for i in inputs]
         self.preprocessing = _preprocessing_from_meta(meta)
@@ -185,7 +186,7 @@ def _export_meta(path: Path) -> dict[str, Any]:
                 raise ModelFileError(f"{candidate} is not valid JSON ({err}); export the "
                                      "model again.") from None
     raise ModelFileError(f"{path}: no model.json found beside it; SavedModel and ONNX files "
-                         "are read with the model.json that `cli.py export` writes.")
+                         "are read with the model.json that `boneage export` writes.")
 
 
 def open_model(path: str | Path) -> keras.Model:
@@ -195,11 +196,11 @@ def open_model(path: str | Path) -> keras.Model:
         path = path / "best.keras"
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}. Pass a .keras file written by "
-                             "`cli.py train` (e.g. runs/NAME/best.keras) or a run directory.")
+                             "`boneage train` (e.g. runs/NAME/best.keras) or a run directory.")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path} is not a Keras model file (a .keras file is a zip "
                              "archive; this one is not, so it is damaged or something "
-                             "else renamed). Pass a .keras file written by `cli.py train`.")
+                             "else renamed). Pass a .keras file written by `boneage train`.")
     try:
         model = load_model(str(path))
     except Exception as err:  # noqa: BLE001 (any failure means: not a usable model)
@@ -541,7 +542,7 @@ def find_calibration(model_path: str | Path, members: int, mc_samples: int, tta:
         cal = _export_meta(path).get("calibration")
     if cal is None:
         raise ModelFileError(f"--recalibrate: no calibration stored with {model_path}; fit "
-                             "one with `cli.py evaluate RUN --recalibrate` (it needs a run "
+                             "one with `boneage evaluate RUN --recalibrate` (it needs a run "
                              "with a test split), then export or predict from that run.")
     if (cal.get("members", 1) != members or cal.get("tta", 1) != tta
             or (cal.get("mc_samples", 0) > 1) != (mc_samples > 1)):

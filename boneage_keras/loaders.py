@@ -43,6 +43,7 @@ from .augment import (
 from .backend import importable, tensorflow_for_input
 from .config import Config, ConfigError, geometry
 from .distribute import Replicas, shard
+from .extras import install_hint
 from .images import ImageError, decode_size, load_image
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def resolve_loader(cfg: Config, training: bool = True) -> str:
         return "tfdata" if has_tf and engine in (None, "keras-cv") else "pydataset"
     if loader == "tfdata" and not has_tf:
         raise ConfigError("config key 'data.loader': 'tfdata' needs TensorFlow, which is "
-                          "not installed here: pip install tensorflow, or set "
+                          f"not installed here: {install_hint('tensorflow')}, or set "
                           "data.loader=pydataset (or auto).")
     if loader == "tfdata" and engine in ("keras", "numpy"):
         raise ConfigError(f"config key 'augment.engine': {engine!r} augments in the pydataset "

@@ -278,7 +278,7 @@ def preprocessing_of(model: keras.Model) -> dict[str, Any]:
     if not isinstance(layer, GrayPreprocess):
         raise ValueError(  # noqa: TRY004 (a wrong model, not a wrong Python type)
             f"model '{model.name}' is not a boneage-keras model (it has no "
-                         "'preprocess' layer); use a .keras file written by `cli.py train`.")
+                         "'preprocess' layer); use a .keras file written by `boneage train`.")
     return {"image_size": layer.image_size, "resize": layer.resize, "crop": layer.crop,
             "use_sex": any(t.name == "male" for t in model.inputs)}
 

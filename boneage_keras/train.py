@@ -225,7 +225,7 @@ def new_run_dir(cfg: Config, replicas: Replicas) -> Path:
     run_dir = Path(cfg.train.output_dir) / name
     if run_dir.exists() and not _is_setup_only(run_dir):
         raise RunDirError(f"run directory {run_dir} already holds a trained run. Resume "
-                          f"it with `cli.py train --resume {run_dir}` or choose another "
+                          f"it with `boneage train --resume {run_dir}` or choose another "
                           "train.run_name.")
     if not replicas.chief:
         return run_dir
@@ -512,7 +512,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None,
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "split.csv").is_file():
         raise RunDirError(f"{run_dir} is not a run directory (no config.yaml/split.csv); "
-                          "pass a folder created by `cli.py train`.")
+                          "pass a folder created by `boneage train`.")
     for text in overrides or []:
         section, key, _ = parse_override(text)
         if f"{section}.{key}" not in RESUMABLE_KEYS:
@@ -651,7 +651,7 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
         except KeyboardInterrupt:
             raise TrainingInterrupted(
                 f"training interrupted; everything up to the last finished epoch is in "
-                f"{run_dir}. Continue with `cli.py train --resume {run_dir}`.") from None
+                f"{run_dir}. Continue with `boneage train --resume {run_dir}`.") from None
         finally:
             stopper.uninstall()
         epochs_done = len(keeper.history)

@@ -35,7 +35,7 @@ SAMPLE_DIR = Path(os.environ.get("BONEAGE_SAMPLE_DIR", REPO.parent / "shared" / 
                                  / "rsna-sample")).resolve()
 
 
-# session fixtures that train models: every test using one (directly or through
+# shared fixtures that train models: every test using one (directly or through
 # another fixture) runs on the same pytest-xdist worker (setup.cfg: --dist loadgroup),
 # so each is built once
 SHARED_TRAINING = ("trained_run", "backend_runs")

@@ -181,7 +181,7 @@ def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path, monkeypat
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.docx").write_text("years of work")
-    with pytest.raises(ExportError, match="not written by `cli.py export`"):
+    with pytest.raises(ExportError, match="not written by `boneage export`"):
         export_model(run, ["keras"], mine, overwrite=True)
     assert (mine / "thesis.docx").read_text() == "years of work"
     # an earlier export is replaced; one holding other files too is refused

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two reference studies at their full epoch counts on one GPU (issue 12, items 4-5),
+# The two reference studies at their full epoch counts on one GPU,
 # on the 12,111 bulk-100px images at 96 px from scratch, plus a screen of CPU-recipe
 # variants (configs/cpu-bench.yaml and changes of it) run at their own epoch counts.
 # All runs go concurrently on the one GPU (one process each), every run stops at the
@@ -7,10 +7,10 @@
 # and each is then evaluated on its held-out split. Nothing but this script's runs is
 # written, under OUT.
 #
-#   [ONLY="improved"] bash benchmarks/gpu_studies.sh DATA_DIR OUT [TRAIN_SECONDS]
+#   [ONLY="improved"] bash experiments/gpu_studies.sh DATA_DIR OUT [TRAIN_SECONDS]
 #
 # DATA_DIR: labels.csv + images/ (PNG or WebP; scripts/pack-webp.py packs them to carry).
-# With the device tool (README, "The two studies on a GPU"): carry .whl and .gpu-data.
+# How to run it on a GPU machine: experiments/2026-11-26-studies-gpu.md.
 set -uo pipefail
 DATA=${1:?DATA_DIR}
 OUT=${2:?OUT}
@@ -72,7 +72,7 @@ NO_AUG=(--set augment.rotation_degrees=0 --set augment.shear=0 --set augment.sca
 [[ $ONLY == *" ablation "* ]] && train baseline-augment resnet18-improved "$(workers 4)" \
   --set model.head_units=0 --set model.dropout=0 &
 # both study recipes at Adam 1e-4, where the improved model's hidden units survive
-# (README, "Why the improved model collapses"; not in the default set)
+# (experiments/2026-11-27-improved-model-collapse.md; not in the default set)
 [[ $ONLY == *" lr "* ]] && train baseline-lr1e-4 resnet18-baseline "$(workers 3)" \
   --set train.learning_rate=0.0001 &
 [[ $ONLY == *" lr "* ]] && train improved-lr1e-4 resnet18-improved "$(workers 6)" \
@@ -80,7 +80,7 @@ NO_AUG=(--set augment.rotation_degrees=0 --set augment.shear=0 --set augment.sca
 screen=
 if [[ $ONLY == *" screen "* ]]; then
   (  # the CPU-recipe screen, one after another (cpu-bench itself, batch 16, Adam 2e-3
-     # and MSE were screened in the first GPU session; README), on cpu-bench as it was
+     # and MSE were screened in the first GPU run; experiments/2026-11-27-cpu-recipe.md), on cpu-bench as it was
      # then: full width, the stem's max-pool, no shifts, 24 epochs
     as_screened=(--set model.width=1 --set model.stem_pool=true --set train.epochs=24)
     train cpu-bench-shift cpu-bench "$(workers 2)" "${as_screened[@]}" --set augment.translation=0.05

@@ -1,6 +1,6 @@
 """Watch a model's head while it trains: does it learn, or collapse to the mean?
 
-    python benchmarks/head_probe.py --config resnet18-improved --data-dir DIR \
+    python experiments/head_probe.py --config resnet18-improved --data-dir DIR \
         --images 3000 --steps 700 --every 50 [--set KEY=VALUE ...] [--out probe.json]
 
 Trains the configured model (``model.build_model``, ``model.fit`` through the
@@ -16,7 +16,7 @@ every ``--every`` steps measures it on 64 held-back images of the same sample:
   largest difference between this recomputed head and the model's own prediction.
 
 The measurement that found why the ResNet18 study's improved model collapses from
-scratch (README, "Why the improved model collapses"): its hidden ReLU units die under
+scratch (experiments/2026-11-27-improved-model-collapse.md): its hidden ReLU units die under
 Adam 1e-3 while heavy augmentation keeps the features uninformative, and once none is
 left no gradient reaches the backbone. Prints one JSON object per probe and a table.
 """

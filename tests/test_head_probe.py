@@ -1,5 +1,5 @@
-"""benchmarks/head_probe.py, the measurement behind the README's account of the
-improved model's collapse, runs on real images and measures the model's own head."""
+"""experiments/head_probe.py, the measurement behind the account of the
+improved model's collapse (experiments/), runs on real images and measures the model's own head."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ from conftest import REPO, backend_env
 def test_head_probe_recomputes_the_models_head_as_it_trains(tmp_path, bulk_dir):
     out = tmp_path / "probe.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "head_probe.py"),
+        [sys.executable, str(REPO / "experiments" / "head_probe.py"),
          "--config", "resnet18-improved", "--data-dir", str(bulk_dir), "--images", "120",
          "--steps", "6", "--every", "3", "--set", "data.image_size=32",
          "--set", "augment.engine=numpy", "--set", "data.loader=pydataset",

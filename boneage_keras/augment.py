@@ -4,7 +4,7 @@ One table (``STAGES``) maps each ``augment`` config key to its layer and to the 
 arguments, in application order; every engine builds from it, so a key means the same
 on each (rotation in degrees, brightness as a fraction of the 0-255 range, ...):
 
-* ``keras-cv`` (the design card's path): keras-cv layers, TensorFlow ops, run inside
+* ``keras-cv`` (the default where TensorFlow is installed): keras-cv layers, TensorFlow ops, run inside
   the tf.data pipeline (or a PyDataset through ``tf.function``). Needs TensorFlow.
 * ``keras``: Keras 3 core preprocessing layers (``keras.layers.RandomFlip``, ...) plus
   our :class:`SaltAndPepper` on ``keras.random``, computed by the active backend (torch,
@@ -259,8 +259,8 @@ class Augmenter:
         """The Keras-engine layers of this thread, built once, with every seed generator
         set back to the state a fresh layer seeded from (seed, epoch, batch, stage) has:
         the same draws as :meth:`keras_layers` without building layers per batch
-        (which took 8 of 43 ms per batch of 8 on two CPU cores, JAX). One set per
-        thread: PyDataset workers augment concurrently."""
+        (experiments/2026-11-27-augmentation-engines.md). One set per thread: PyDataset
+        workers augment concurrently."""
         built = getattr(self._local, "layers", None)
         if built is None:
             layers = self.keras_layers(epoch, batch)

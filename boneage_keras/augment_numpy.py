@@ -1,9 +1,8 @@
 """The ``numpy`` augmentation engine: every stage of ``augment.STAGES`` in NumPy, with
 the geometric stages fused into one warp per image.
 
-The ``keras`` engine runs one Keras layer per stage, eagerly, on the active backend:
-for the ResNet18 study's eight stages that is about 25 ms per batch of 8 on one CPU
-thread, and a GPU then waits for its input. Here random crop, flip, rotation,
+The ``keras`` engine runs one Keras layer per stage, eagerly, on the active backend,
+several times slower (experiments/2026-11-27-augmentation-engines.md). Here random crop, flip, rotation,
 translation, zoom and shear become one affine map per image (composed as the layers
 would apply them one after another) and one bilinear resampling; brightness,
 contrast, blur and salt-and-pepper follow as array arithmetic over the batch. No

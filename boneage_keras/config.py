@@ -117,8 +117,8 @@ class TrainConfig:
 
 @dataclass
 class DistributeConfig:
-    """One replica or many (see boneage_keras/distribute.py and the README's "More than
-    one GPU"); ``train.batch_size`` stays the global batch."""
+    """One replica or many (see boneage_keras/distribute.py and
+    docs/distributed.md); ``train.batch_size`` stays the global batch."""
 
     strategy: Literal["none", "data_parallel"] = "none"
     devices: int | None = None  # replicas in this process (JAX, TF); None: every GPU

@@ -327,12 +327,9 @@ def _setup_tensorflow(cfg: Config) -> Replicas:
 
     d = cfg.distribute
     if "TF_CONFIG" in os.environ:
-        # Tried (2 workers on localhost): Keras 3.15's TensorFlow trainer fails under
-        # MultiWorkerMirroredStrategy twice over - its symbolic build averages the first
-        # batch with strategy.reduce ("Attempt to convert a value (PerReplica ...) to a
-        # Tensor"), and its multi-worker log reduction averages scalar metrics over
-        # axis 0 ("Invalid reduction dimension 0 for input with 0 dimensions"). Refused
-        # until Keras fixes it, rather than patched from outside.
+        # Keras 3.15's TensorFlow trainer fails under MultiWorkerMirroredStrategy: its
+        # symbolic build and its log reduction call strategy.reduce in ways that
+        # strategy rejects (docs/distributed.md). Refused rather than patched.
         raise DistributeError("TF_CONFIG is set: multi-worker TensorFlow fails inside "
                               "Keras 3.15 (MultiWorkerMirroredStrategy in its trainer); "
                               "train across machines with JAX (distribute.coordinator) or "

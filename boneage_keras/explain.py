@@ -9,9 +9,7 @@ summed, scaled to 0..1 per image and resized to the input. Bone age is a regress
 a region that pulls the estimate down (open growth plates) matters as much as one that
 pushes it up, so by default the map keeps both signs (``mode="abs"``: the magnitude of
 the weighted sum); ``mode="positive"`` is the classification recipe (ReLU: only regions
-that raise the age). Measured on the test model (ResNet18, 64 px, 32 real validation
-images): the cell of the map the magnitude marks hottest is the one whose occlusion moves
-the prediction most in 78% of images (chance 25%); ReLU Grad-CAM's in 59%. Keras 3 has no
+that raise the age; experiments/2026-11-22-gradcam-sign.md). Keras 3 has no
 backend-neutral gradient call; :func:`value_and_gradient` is the one place that knows
 the backends.
 """

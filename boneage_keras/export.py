@@ -14,7 +14,7 @@
   exported there (Keras' own torch->SavedModel route needs torch_xla).
 * ``all``: every format this machine can write; what it cannot is named and skipped.
 
-SavedModel signatures (see the README):
+SavedModel signatures (see docs/export.md):
   serving_default  images uint8 [batch, height, width, 1] (any size; padding/resizing
                    and normalisation are in the graph) [, male float32 [batch, 1]]
                    -> boneage float32 [batch, 1] (months)

@@ -111,7 +111,7 @@ def resize_gray(arr: np.ndarray, size: int, resize: str = "pad") -> np.ndarray:
 
 # Logistic regression on inversion_features, fitted on the real sample by
 # scripts/fit_inversion_detector.py (real images vs their inverted copies). Measured
-# there, cross-validated: see the README, "Clinical images".
+# there, cross-validated: experiments/2026-11-26-inversion-detector.md.
 INVERSION_WEIGHTS = (-1.0776, 4.1416, -8.4475, 2.8879, 6.4847, 55.9467, -3.554, -4.5594,
                      -23.2039, -0.5108)
 INVERSION_BIAS = -18.0545

@@ -144,12 +144,12 @@ class OnnxPredictor:
                                  f"here: {install_hint('onnxruntime')}.") from None
         self.name = str(path)
         try:
-            self.session = onnxruntime.InferenceSession(str(path))
+            self.runtime = onnxruntime.InferenceSession(str(path))
         except Exception as err:  # noqa: BLE001 (onnxruntime raises its own types)
             raise ModelFileError(f"{path} is not a readable ONNX model "
                                  f"({str(err).splitlines()[0][:200]}); export it again "
                                  "with `boneage export`.") from None
-        inputs = self.session.get_inputs()
+        inputs = self.runtime.get_inputs()
         self.names = [i.name for i in inputs]
         self.preprocessing = _preprocessing_from_meta(meta)
         size = self.preprocessing["image_size"]
@@ -167,7 +167,7 @@ class OnnxPredictor:
         feeds = {self.names[0]: images}
         if self.preprocessing["use_sex"]:
             feeds[self.names[1]] = male
-        return self.session.run(None, feeds)[0].reshape(-1)
+        return self.runtime.run(None, feeds)[0].reshape(-1)
 
 
 def _preprocessing_from_meta(meta: dict[str, Any]) -> dict[str, Any]:

@@ -110,15 +110,12 @@ def resolve_loader(cfg: Config, training: bool = True) -> str:
 
 
 def pipeline_options() -> Any:
-    """tf.data options for every pipeline we build, autotuning off.
+    """tf.data options for every pipeline we build: autotuning off, deterministic.
 
-    Measured (TensorFlow backend, 2-core CPU, ResNet50 64 px batch 16, 10-step epochs):
-    with autotuning on, about one `fit` epoch in two ended ~6 s late (the epoch took
-    20.48 s for 13-14 s of steps: tf.data's autotune loop, which wakes on a doubling
-    period, held the iterator's teardown), so fit cost 1.4x train_on_batch; with it off,
-    fit / train_on_batch = 0.97 over 6 of 6 epochs. Parallelism is set explicitly
-    instead: one decode call per CPU core, two batches prefetched. Deterministic: the
-    parallel maps keep their order, so a seed gives the same batches every run.
+    The autotune loop delayed the end of an epoch until its next wake-up
+    (experiments/2026-11-22-input-pipeline-speed.md); parallelism is set explicitly
+    instead (one call per CPU core, two batches prefetched). The parallel maps keep
+    their order, so a seed gives the same batches every run.
     """
     tf = tensorflow_for_input()
     options = tf.data.Options()

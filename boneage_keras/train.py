@@ -165,9 +165,8 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
 
 def jit_setting(cfg: Config) -> bool | str:
     """``train.jit_compile`` null: always on JAX (its eager mode is op-by-op), and on a
-    GPU for torch (torch.compile) and TensorFlow (XLA). On a CPU the XLA compile of a
-    ResNet costs more than it saves (measured, TF: first step 38 s vs 27 s, later steps
-    1.7 s vs 1.2 s, ResNet50 at 64 px, batch 16)."""
+    GPU for torch (torch.compile) and TensorFlow (XLA); on a CPU compiling a ResNet costs
+    more than it saves (experiments/2026-11-22-input-pipeline-speed.md)."""
     jit = cfg.train.jit_compile
     if jit is not None:
         return jit

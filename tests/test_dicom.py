@@ -227,7 +227,8 @@ def test_a_mixed_folder_says_what_it_skipped(scans, trained_run, tmp_path):
 def test_inverted_images_are_caught_and_reported(sample_dir, bulk_dir, trained_run,
                                                  tmp_path):
     """Measured on real images: every full-size radiograph passes and every inverted
-    copy is caught; on 600 of the 100 px scans, at most 1% either way (README)."""
+    copy is caught; on 600 of the 100 px scans, at most 1% either way
+    (experiments/2026-11-26-inversion-detector.md)."""
     full = sorted((sample_dir / "images").glob("*.png"))
     bulk = sorted((bulk_dir / "images").glob("*.png"))[::20]
     for paths, limit in ((full, 0), (bulk, 6)):

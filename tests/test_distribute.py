@@ -210,7 +210,7 @@ def test_torchrun_two_processes_a_killed_one_and_the_restart(tmp_path, bulk_dir)
                    "cpu-bench", "--data-dir", str(bulk_dir), *TINY,
                    "--set", "train.epochs=2", "--set", f"train.output_dir={runs}"], logs),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        process_group=0)
     try:
         deadline = time.time() + 240
         while not list(runs.glob("*/history.csv")) and time.time() < deadline:
@@ -293,7 +293,7 @@ def test_jax_killed_process_stops_the_other_and_the_run_resumes_on_one(tmp_path,
          "--data-dir", str(bulk_dir), *TINY, *common,
          "--set", f"distribute.process_id={i}"],
         cwd=REPO, env=backend_env("jax"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True) for i in range(2)]
+        text=True, process_group=0) for i in range(2)]
     try:
         deadline = time.time() + 240
         while not (tmp_path / "r" / "history.csv").is_file() and time.time() < deadline:

@@ -84,12 +84,12 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
         "print(json.dumps([a.numpy().ravel().tolist(), b.numpy().ravel().tolist()]))")
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(deploy / "model.onnx"))
-    assert session.get_outputs()[0].name == "boneage"
-    names = [i.name for i in session.get_inputs()]
+    runtime = onnxruntime.InferenceSession(str(deploy / "model.onnx"))
+    assert runtime.get_outputs()[0].name == "boneage"
+    names = [i.name for i in runtime.get_inputs()]
     assert len(names) == (2 if use_sex else 1)
     feeds = {names[0]: x, **({names[1]: male} if use_sex else {})}
-    onnx_out = session.run(None, feeds)[0].ravel()
+    onnx_out = runtime.run(None, feeds)[0].ravel()
     # the 100 px images are square, so pad == stretch and PIL's resize is our pipeline
     np.testing.assert_allclose(under_tf, under_torch, atol=0.01)
     np.testing.assert_allclose(saved[0], under_torch, atol=0.01)
@@ -97,7 +97,7 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
     # the raw signature resizes inside the graph (TF's antialiased bilinear, not PIL's)
     np.testing.assert_allclose(saved[1], under_torch, atol=1.0)
     if use_sex:   # the second input is used: female changes the prediction
-        female = session.run(None, {names[0]: x, names[1]: 0 * male})[0].ravel()
+        female = runtime.run(None, {names[0]: x, names[1]: 0 * male})[0].ravel()
         assert np.abs(female - onnx_out).max() > 1e-4
     # predict accepts the SavedModel folder and the ONNX file (--sex for this model)
     sex_args = ["--sex", "M"] if use_sex else []

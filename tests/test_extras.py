@@ -3,9 +3,9 @@ line naming the pip install command (exit code 2), run in child processes where 
 package is hidden (tests/hide_modules)."""
 
 import pytest
+from conftest import run_cli
 
 from boneage_keras.extras import EXTRA_OF, install_hint
-from conftest import run_cli
 
 
 def one_line_refusal(proc, extra: str) -> str:

@@ -1,5 +1,5 @@
 """benchmarks/gpu_speed.py runs end to end on a CPU at a small size, so the GPU
-comparison stays alive between GPU sessions: native PyTorch, Keras on torch and JAX,
+comparison keeps working where no GPU is at hand: native PyTorch, Keras on torch and JAX,
 and the input pipeline, in one table."""
 
 import json

@@ -103,7 +103,8 @@ def test_tfdata_augmentation_does_not_depend_on_a_dropped_pass(bulk_dir):
     """Keras' fit opens an iterator to look at the first batch and drops it, while its
     prefetch has augmented a few batches more (how many depends on the threads): the
     next pass must get the same images whether the pass before it ran one batch or all
-    of them (README command 1 gave val MAE 35.83 or 30.13 before this held)."""
+    of them (README command 1 gave val MAE 35.83 or 30.13 before this held:
+    experiments/2026-11-27-augmentation-engines.md)."""
     cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}", "train.batch_size=8",
                                                "data.loader=tfdata", "augment.engine=keras-cv",
                                                "augment.horizontal_flip=true",

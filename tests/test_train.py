@@ -28,7 +28,7 @@ def test_cosine_schedule():
 
 
 def test_cli_train_writes_complete_run(tmp_path, bulk_dir):
-    # the design card's TensorFlow path: ResNet50, tf.data and keras-cv (the other
+    # the reference TensorFlow path: ResNet50, tf.data and keras-cv (the other
     # pairs train elsewhere: torch + tf.data in conftest's trained_run; torch, JAX and
     # TensorFlow on the PyDataset loader in conftest's backend_runs)
     proc = run_cli(["train", "--config", "configs/default.yaml", "--data-dir", str(bulk_dir),

@@ -80,52 +80,10 @@ def train(config_path: str | None, data_dir: str | None, overrides: tuple[str, .
     else:
         cfg = load_config(config_path or "default", sets)
         result = run_training(cfg, verbose=verbose)
-    from boneage_keras.distribute import current
+    from boneage_keras.summaries import train_summary
 
-    replicas = current()
-    who = f"[{replicas.name}] " if replicas.processes > 1 else ""
-    click.echo(f"{who}run directory: {result.run_dir}")
-    click.echo(f"{who}best epoch {result.best_epoch} (in best.keras): " + ", ".join(
-        f"{k}={v:.4f}" for k, v in result.best.items()))
-
-
-def _print_metrics(metrics: dict) -> None:
-    tol = metrics["tolerance_months"]
-    if "split_note" in metrics:
-        click.echo(f"images: {metrics['split_note']}")
-    click.echo(f"n={metrics['n']}  MAE={metrics['mae']:.2f}  RMSE={metrics['rmse']:.2f}  "
-               f"R2={metrics['r2']:.3f}  bias={metrics['bias']:+.2f}  "
-               f"acc(+-{tol:g})={metrics['tolerance_accuracy']:.3f}")
-    click.echo("accuracy at " + ", ".join(f"+-{k}: {v:.3f}"
-                                          for k, v in metrics["accuracy_at"].items()))
-    click.echo(f"{'group':<10}{'n':>6}{'MAE':>9}{'bias':>9}{'acc':>8}")
-    for section in ("by_age_group", "by_sex"):
-        for name, g in metrics[section].items():
-            if g.get("n"):
-                click.echo(f"{name:<10}{g['n']:>6}{g['mae']:>9.2f}{g['bias']:>+9.2f}"
-                           f"{g['tolerance_accuracy']:>8.3f}")
-            else:
-                click.echo(f"{name:<10}{0:>6}")
-    if "tta" in metrics:
-        t = metrics["tta"]
-        click.echo(f"TTA ({t['views']} views): MAE {t['mae']:.2f}, without TTA "
-                   f"{t['mae_without_tta']:.2f}")
-    for member in metrics.get("ensemble", {}).get("members", []):
-        click.echo(f"member {member['model']}: MAE {member['mae']:.2f}  "
-                   f"acc(+-{tol:g})={member['tolerance_accuracy']:.3f}")
-    if "recalibration" in metrics:
-        r = metrics["recalibration"]
-        iv = r["interval"]
-        click.echo(f"recalibrated (fitted on validation): MAE {r['before']['mae']:.2f} -> "
-                   f"{r['after']['mae']:.2f}, slope of predicted on true "
-                   f"{r['before']['regression_to_mean']['slope']:.3f} -> "
-                   f"{r['after']['regression_to_mean']['slope']:.3f}; {iv['level']:.0%} "
-                   f"conformal interval covers {iv['coverage']:.1%}, mean width "
-                   f"{iv['mean_width']:.1f} months")
-    if "uncertainty" in metrics:
-        u = metrics["uncertainty"]
-        click.echo(f"{u['level']:.0%} interval ({u['source']}): coverage {u['coverage']:.1%}, "
-                   f"mean width {u['mean_width']:.1f} months: {u['verdict']}")
+    click.echo(train_summary(result.run_dir, result.best_epoch, result.best,
+                             result.process))
 
 
 def _mc_samples(ctx, param, value: int) -> int:
@@ -184,7 +142,9 @@ def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, recalib
         result = evaluate_model(list(model_paths), data_dir, split or "all",
                                 out_dir or "evaluation", tolerance or 12.0, tta=tta,
                                 mc_samples=mc_samples)
-    _print_metrics(result.metrics)
+    from boneage_keras.summaries import metrics_summary
+
+    click.echo(metrics_summary(result.metrics))
     click.echo(f"wrote {result.out_dir}/metrics.json, predictions.csv, figures, report.html")
 
 
@@ -223,12 +183,11 @@ def predict(model_paths, output, sex, sex_override, chronological_age, id_from,
         click.echo(result.to_csv(index=False, float_format="%.2f"), nl=False)
     else:
         click.echo(f"wrote {len(result)} predictions to {output}")
-    if "error" in result:
-        failed = result.loc[result["error"] != "", "id"].astype(str).tolist()
-        click.echo(f"error: {len(failed)} of {len(result)} images could not be read ("
-                   + ", ".join(failed[:5]) + (" ..." if len(failed) > 5 else "")
-                   + "); the others were predicted. See the error column"
-                   + (f" of {output}." if output else "."), err=True)
+    from boneage_keras.summaries import prediction_failures
+
+    failures = prediction_failures(result, output)
+    if failures:
+        click.echo(failures, err=True)
         sys.exit(1)
 
 
@@ -262,31 +221,10 @@ def compare(a, b, resamples, seed, out_json) -> None:
 
     A and B are run directories (evaluated) or predictions.csv files.
     """
-    import json
-
     from boneage_keras.compare import compare_predictions
+    from boneage_keras.summaries import comparison_summary
 
-    result = compare_predictions(a, b, resamples, seed)
-    o = result["overall"]
-    pct = round(o["confidence"] * 100)
-    click.echo(f"A: {result['a']}\nB: {result['b']}")
-    click.echo(f"n={o['n']}  MAE A={o['mae_a']:.2f}  MAE B={o['mae_b']:.2f}  "
-               f"B-A={o['difference']:+.2f}  {pct}% CI [{o['ci_low']:+.2f}, "
-               f"{o['ci_high']:+.2f}]  ({o['n_resamples']} resamples, seed {o['seed']})")
-    for name, g in result["by_age_group"].items():
-        if "difference" in g:
-            click.echo(f"  {name:<8} n={g['n']:<5} B-A={g['difference']:+.2f}  CI "
-                       f"[{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]")
-        else:
-            click.echo(f"  {name:<8} n={g['n']:<5} too few to compare")
-    for side in ("a", "b"):
-        ids = result[f"only_in_{side}"]
-        if ids:
-            click.echo(f"{len(ids)} id(s) only in {side.upper()}, left out: "
-                       + ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""))
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(result, f, indent=2)
+    click.echo(comparison_summary(compare_predictions(a, b, resamples, seed, out_json)))
 
 
 @cli.command()
@@ -304,11 +242,11 @@ def prepare(data_dir, size, resize, crop_hand, cache_dir) -> None:
     """Decode every image once into a uint8 cache that train/evaluate read."""
     _setup_logging(True)
     from boneage_keras.cache import prepare_cache
+    from boneage_keras.images import geometry_name
 
-    if crop_hand:
-        resize = f"hand+{resize}"
-    meta = prepare_cache(data_dir, size, resize, cache_dir)
-    click.echo(f"cache ready: {meta['rows']} images at {size} px ({resize})")
+    geometry = geometry_name(resize, crop_hand)
+    meta = prepare_cache(data_dir, size, geometry, cache_dir)
+    click.echo(f"cache ready: {meta['rows']} images at {size} px ({geometry})")
 
 
 @cli.command()
@@ -355,26 +293,13 @@ def benchmark(variants, data_dir, overrides, out_dir, resamples, tta, mc_samples
     any: cpu-bench without and with the sex input."""
     _setup_logging(True)
     from boneage_keras.benchmark import run_benchmark
+    from boneage_keras.summaries import benchmark_summary
 
     sets = list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else [])
     result = run_benchmark(list(variants) or None, sets, out_dir, tta=tta,
                            mc_samples=mc_samples, resamples=resamples,
                            verbose=1 if sys.stdout.isatty() else 2)
-    click.echo(f"held out: {result['held_out_split']} split, n={result['n_held_out']}"
-               + (f" ({result['held_out_note']})" if result["held_out_note"] else "")
-               + f"; predicting the training mean gives MAE "
-               f"{result['mean_baseline_mae']:.2f} months")
-    click.echo(f"{'variant':<22}{'MAE':>7}{'RMSE':>7}{'R2':>7}{'acc+-12':>9}{'bias':>7}"
-               f"{'slope':>7}{'epochs':>7}{'min':>7}")
-    for r in result["rows"]:
-        minutes = "-" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
-        click.echo(f"{r['variant']:<22}{r['mae']:>7.2f}{r['rmse']:>7.2f}{r['r2']:>7.3f}"
-                   f"{r['tolerance_accuracy']:>9.3f}{r['bias']:>+7.2f}{r['slope']:>7.3f}"
-                   f"{r['epochs']:>7}{minutes:>7}")
-    for c in result["comparisons"]:
-        click.echo(f"{c['b']} - {c['a']}: MAE {c['difference']:+.2f} months, 95% CI "
-                   f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] (n={c['n']})")
-    click.echo(f"wrote {out_dir}/benchmark.json and report.html")
+    click.echo(benchmark_summary(result, out_dir))
 
 
 @cli.command()
@@ -388,12 +313,9 @@ def export(source, formats, out_dir, overwrite) -> None:
     """Export RUN_DIR or MODEL.keras for deployment (.keras, SavedModel, ONNX)."""
     _setup_logging(False)
     from boneage_keras.export import export_model
+    from boneage_keras.summaries import export_summary
 
-    meta = export_model(source, formats, out_dir, overwrite)
-    click.echo(f"exported {', '.join(meta['formats'])} to {out_dir} (input "
-               f"{meta['input_size']}x{meta['input_size']}x1, sex input: {meta['use_sex']})")
-    for name, why in meta.get("skipped", {}).items():
-        click.echo(f"skipped {name}: {why}")
+    click.echo(export_summary(export_model(source, formats, out_dir, overwrite), out_dir))
 
 
 if __name__ == "__main__":

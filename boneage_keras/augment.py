@@ -4,8 +4,8 @@ One table (``STAGES``) maps each ``augment`` config key to its layer and to the 
 arguments, in application order; every engine builds from it, so a key means the same
 on each (rotation in degrees, brightness as a fraction of the 0-255 range, ...):
 
-* ``keras-cv`` (the default where TensorFlow is installed): keras-cv layers, TensorFlow ops, run inside
-  the tf.data pipeline (or a PyDataset through ``tf.function``). Needs TensorFlow.
+* ``keras-cv`` (the default where TensorFlow is installed): keras-cv layers,
+  TensorFlow ops, run inside the tf.data pipeline (or a PyDataset through ``tf.function``). Needs TensorFlow.
 * ``keras``: Keras 3 core preprocessing layers (``keras.layers.RandomFlip``, ...) plus
   our :class:`SaltAndPepper` on ``keras.random``, computed by the active backend (torch,
   JAX or TensorFlow) on the CPU, in the PyDataset's worker threads. No TensorFlow.

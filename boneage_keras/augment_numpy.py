@@ -2,8 +2,8 @@
 the geometric stages fused into one warp per image.
 
 The ``keras`` engine runs one Keras layer per stage, eagerly, on the active backend,
-several times slower (experiments/2026-11-27-augmentation-engines.md). Here random crop, flip, rotation,
-translation, zoom and shear become one affine map per image (composed as the layers
+several times slower (experiments/2026-11-27-augmentation-engines.md). Here random
+crop, flip, rotation, translation, zoom and shear become one affine map per image (composed as the layers
 would apply them one after another) and one bilinear resampling; brightness,
 contrast, blur and salt-and-pepper follow as array arithmetic over the batch. No
 framework, no TensorFlow: the same on torch, JAX and TensorFlow.

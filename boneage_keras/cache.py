@@ -7,7 +7,8 @@
 ids to rows; ``meta.json`` records the settings, a fingerprint of the source images
 (id, byte size, modification time) and how many rows are done, so an interrupted
 ``prepare`` resumes and a cache built from other images or settings is never reused.
-A cache of size N serves any ``image_size`` <= N with the same ``resize`` mode: its
+A cache of size N serves any ``image_size`` <= N with the same geometry (``pad``,
+``stretch``, or either after the hand crop): its
 squares are resized again on the fly.
 """
 
@@ -54,7 +55,7 @@ class ImageCache:
 
     folder: Path
     size: int
-    resize: str
+    geometry: str
     rows: dict[str, int]   # image path -> row
     images: np.ndarray     # memory-mapped (n, size, size) uint8
 
@@ -65,14 +66,16 @@ class ImageCache:
         row_of_id = dict(zip(index["id"], index["row"]))
         rows = {p: int(row_of_id[i]) for i, p in zip(table["id"], table["path"])}
         images = np.load(folder / "images.npy", mmap_mode="r")
-        return cls(folder, meta["size"], meta["resize"], rows, images)
+        return cls(folder, meta["size"], meta["geometry"], rows, images)
 
-    def load(self, path: str, size: int, resize: str = "pad", crop: bool = False,
-             center: bool = True) -> np.ndarray:
-        arr = resize_gray(np.asarray(self.images[self.rows[path]]), decode_size(size, crop),
-                          "stretch")
-        if crop and center:
-            arr = center_crop(arr, size)
+    def load(self, path: str, image_size: int, geometry: str = "pad",
+             random_crop: bool = False, center: bool = True) -> np.ndarray:
+        """The image as :func:`images.load_image` gives it (``geometry`` is the
+        cache's own)."""
+        arr = resize_gray(np.asarray(self.images[self.rows[path]]),
+                          decode_size(image_size, random_crop), "stretch")
+        if random_crop and center:
+            arr = center_crop(arr, image_size)
         return arr[..., None]
 
 
@@ -87,14 +90,14 @@ def _write_meta(folder: Path, meta: dict) -> None:
     write_json(folder / "meta.json", meta)
 
 
-def prepare_cache(data_dir: str | Path, size: int, resize: str = "pad",
+def prepare_cache(data_dir: str | Path, size: int, geometry: str = "pad",
                   cache_dir: str | Path | None = None, strict: bool = False,
                   progress: bool = True) -> dict:
     """Build (or finish, or confirm) the cache of ``data_dir`` at ``size``; returns meta."""
 
     table, _, root = load_dataset(data_dir, strict=strict, cache_dir=cache_dir)
-    folder = cache_root(root, cache_dir) / f"{size}-{resize}"
-    want = {"version": 1, "size": size, "resize": resize, "rows": len(table),
+    folder = cache_root(root, cache_dir) / f"{size}-{geometry}"
+    want = {"version": 2, "size": size, "geometry": geometry, "rows": len(table),
             "fingerprint": fingerprint(table)}
     meta = _read_meta(folder)
     if meta is not None and any(meta.get(k) != v for k, v in want.items()):
@@ -127,7 +130,7 @@ def prepare_cache(data_dir: str | Path, size: int, resize: str = "pad",
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for start in range(done, len(table), CHUNK):
             chunk = paths[start:start + CHUNK]
-            decoded = pool.map(lambda p: resize_gray(read_gray(p), size, resize), chunk)
+            decoded = pool.map(lambda p: resize_gray(read_gray(p), size, geometry), chunk)
             for offset, arr in enumerate(decoded):
                 images[start + offset] = arr
             images.flush()
@@ -140,16 +143,16 @@ def prepare_cache(data_dir: str | Path, size: int, resize: str = "pad",
     return meta
 
 
-def find_cache(table: pd.DataFrame, data_dir: str | Path, image_size: int, resize: str,
+def find_cache(table: pd.DataFrame, data_dir: str | Path, image_size: int, geometry: str,
                cache_dir: str | Path | None = None) -> ImageCache | None:
-    """The smallest complete, current cache that serves ``image_size`` and ``resize``."""
+    """The smallest complete, current cache that serves ``image_size`` and ``geometry``."""
     root = cache_root(data_dir, cache_dir)
     if not root.is_dir():
         return None
     candidates = []
     for folder in root.iterdir():
         meta = _read_meta(folder)
-        if (meta and meta.get("complete") and meta.get("resize") == resize
+        if (meta and meta.get("complete") and meta.get("geometry") == geometry
                 and meta.get("size", 0) >= image_size):
             candidates.append((meta["size"], folder, meta))
     if not candidates:
@@ -170,14 +173,14 @@ def find_cache(table: pd.DataFrame, data_dir: str | Path, image_size: int, resiz
 
 
 def reader_for(table: pd.DataFrame, data_dir: str | Path | None, image_size: int,
-               resize: str, cache_dir: str | Path | None = None, use_cache: bool = True):
-    """``load(path, size, resize, crop)`` from a fitting cache, else from the files;
-    the log says which."""
+               geometry: str, cache_dir: str | Path | None = None, use_cache: bool = True):
+    """``load(path, image_size, geometry, random_crop)`` from a fitting cache, else
+    from the files; the log says which."""
     if use_cache and data_dir:
-        cache = find_cache(table, data_dir, image_size, resize, cache_dir)
+        cache = find_cache(table, data_dir, image_size, geometry, cache_dir)
         if cache is not None:
             log.info("images: from the cache %s (%d px, %s)", cache.folder, cache.size,
-                     cache.resize)
+                     cache.geometry)
             return cache.load
     log.info("images: decoding the original files (no prepared cache fits; see "
              "`boneage prepare`)")

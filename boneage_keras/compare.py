@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .data import AGE_GROUPS, DataError, age_group_label, assign_age_group
+from .files import check_output_file, write_json
 from .metrics import paired_bootstrap_mae
 
 
@@ -34,9 +35,12 @@ def _read_predictions(source: str | Path) -> tuple[pd.DataFrame, str]:
 
 
 def compare_predictions(a: str | Path, b: str | Path, n_resamples: int = 1000,
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
     """Paired bootstrap of MAE(B) - MAE(A) on the ids both predicted, overall and per
-    age group; ids present in only one file are listed, not silently dropped."""
+    age group; ids present in only one file are listed, not silently dropped. ``out``:
+    also write the result there as JSON."""
+    if out is not None:
+        check_output_file(out, "--out")
     table_a, path_a = _read_predictions(a)
     table_b, path_b = _read_predictions(b)
     both = table_a.merge(table_b, on="id", suffixes=("_a", "_b"))
@@ -64,4 +68,6 @@ def compare_predictions(a: str | Path, b: str | Path, n_resamples: int = 1000,
         result["by_age_group"][label] = (
             paired_bootstrap_mae(err_a[mask], err_b[mask], n_resamples, seed)
             if mask.sum() >= 2 else {"n": int(mask.sum())})
+    if out is not None:
+        write_json(out, result)
     return result

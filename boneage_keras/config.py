@@ -146,9 +146,8 @@ class Config:
 
 
 def geometry(data: DataConfig) -> str:
-    """How images are brought to a square: ``pad`` or ``stretch``, after cropping to the
-    hand (``hand+pad``, ``hand+stretch``) with ``data.crop_hand``. Readers, caches and
-    the model's preprocessing record this one string."""
+    """How images are brought to a square: ``data.resize`` (pad or stretch), after
+    cropping to the hand with ``data.crop_hand`` (``hand+pad``, ``hand+stretch``)."""
     return f"hand+{data.resize}" if data.crop_hand else data.resize
 
 

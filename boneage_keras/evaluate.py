@@ -100,7 +100,7 @@ def _example_figure(table: pd.DataFrame, preds: pd.DataFrame, out_png: Path,
 
         pre = explainer.preprocessing
         inputs = np.stack([load_image(table["path"].iloc[i], pre["image_size"],
-                                      pre["resize"], pre["crop"]) for i in chosen])
+                                      pre["geometry"], pre["random_crop"]) for i in chosen])
         male = table["male"].to_numpy(np.float32)[chosen] if pre["use_sex"] else None
         cams, _ = grad_cam(explainer.model, inputs.astype(np.float32), male)
         heatmaps = list(resize_maps(cams, (160, 160)))
@@ -158,10 +158,11 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
     def with_notes(reader: Any) -> Any:
         if reader is not load_image:      # a prepared cache was corrected when built
             return reader
-        return lambda p, size, resize, crop: load_image(p, size, resize, crop, notes=notes)
+        return lambda path, image_size, geometry, random_crop: load_image(
+            path, image_size, geometry, random_crop, notes=notes)
 
     readers = [with_notes(reader_for(table, data_dir, m.preprocessing["image_size"],
-                                     m.preprocessing["resize"], cache_dir))
+                                     m.preprocessing["geometry"], cache_dir))
                for m in members]
     prediction = predict_images(members, table["path"].tolist(), table["male"].to_numpy(),
                                 tta=tta, mc_samples=mc_samples, reader=readers)

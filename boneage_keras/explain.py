@@ -158,7 +158,8 @@ def explain_images(model_path: str | Path, inputs: Iterable[str | Path],
     rows, maps, shown = [], {}, []
     for start in range(0, len(table), batch_size):
         chunk = table.iloc[start:start + batch_size]
-        images = np.stack([load_image(p, pre["image_size"], pre["resize"], pre["crop"])
+        images = np.stack([load_image(p, pre["image_size"], pre["geometry"],
+                                      pre["random_crop"])
                            for p in chunk["path"]]).astype(np.float32)
         heat, months = grad_cam(model, images,
                                 None if male is None else male[start:start + batch_size])

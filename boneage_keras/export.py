@@ -84,8 +84,9 @@ def _metadata(model_path: Path, run_dir: Path | None, formats: list[str]) -> dic
     pre = preprocessing_of(model)
     meta: dict[str, Any] = {
         "source": str(model_path), "formats": formats, "output": "boneage (months)",
-        "input_size": pre["image_size"], "channels": 1, "use_sex": pre["use_sex"],
-        "preprocessing": {"resize": pre["resize"], "center_crop": pre["crop"],
+        "image_size": pre["image_size"], "channels": 1, "use_sex": pre["use_sex"],
+        "preprocessing": {"resize": pre["resize"], "crop_hand": pre["crop_hand"],
+                          "random_crop": pre["random_crop"],
                           "pixel_range": [0, 255],
                           "normalisation": model.get_layer("preprocess").mode,
                           "per_image_standardization": model.get_layer(
@@ -309,7 +310,7 @@ def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
     model = load_model(str(model_path))
     pre = preprocessing_of(model)
     size, use_sex = pre["image_size"], pre["use_sex"]
-    side = decode_size(size, pre["crop"])
+    side = decode_size(size, pre["random_crop"])
 
     def prepare(images):
         x = tf.cast(images, tf.float32)
@@ -317,7 +318,7 @@ def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
             x = tf.image.resize_with_pad(x, side, side, antialias=True)
         else:
             x = tf.image.resize(x, (side, side), antialias=True)
-        if pre["crop"]:
+        if pre["random_crop"]:   # the central window, as in evaluation
             x = tf.image.central_crop(x, CROP_FRACTION)
             x = tf.image.resize(x, (size, size))
         return tf.round(tf.clip_by_value(x, 0.0, 255.0))

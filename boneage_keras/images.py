@@ -6,7 +6,7 @@ PNG and JPEG (8/16-bit, gray/RGB/palette) through PIL, DICOM through ``dicom.py`
 A PNG/JPEG that looks inverted (bright background, dark bones) is inverted back and
 noted (:func:`looks_inverted`).
 
-    >>> arr = load_image("1437.png", size=224, resize="pad")   # (224, 224, 1) uint8
+    >>> arr = load_image("1437.png", image_size=224, geometry="pad")   # (224, 224, 1) uint8
     >>> notes = {}; load_image("scan.png", 224, notes=notes)    # notes[path]: warnings
 """
 
@@ -91,17 +91,27 @@ def crop_to_hand(arr: np.ndarray, margin: float = HAND_MARGIN) -> np.ndarray:
     return arr[max(0, top - dy):min(h, bottom + dy), max(0, left - dx):min(w, right + dx)]
 
 
+# How an image becomes a square: the resize (``data.resize``: pad or stretch), after a
+# crop to the hand with ``data.crop_hand`` (``hand+pad``, ``hand+stretch``). Readers,
+# caches and the model's preprocessing record this one string.
 GEOMETRIES = ("pad", "stretch", "hand+pad", "hand+stretch")
 
 
-def resize_gray(arr: np.ndarray, size: int, resize: str = "pad") -> np.ndarray:
+def geometry_name(resize: str, crop_hand: bool) -> str:
+    """The geometry string of ``resize`` (pad or stretch) with or without the hand crop."""
+    return f"hand+{resize}" if crop_hand else resize
+
+
+def resize_gray(arr: np.ndarray, size: int, geometry: str = "pad") -> np.ndarray:
     """2-D uint8 -> (size, size) uint8: ``pad`` to a black square or ``stretch``; the
     ``hand+`` forms first crop to the hand (:func:`crop_to_hand`)."""
-    if resize not in GEOMETRIES:
-        raise ValueError(f"resize must be one of {', '.join(GEOMETRIES)}, got {resize!r}")
-    if resize.startswith("hand+"):
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}, got "
+                         f"{geometry!r}")
+    resize = geometry
+    if geometry.startswith("hand+"):
         arr = crop_to_hand(arr)
-        resize = resize.removeprefix("hand+")
+        resize = geometry.removeprefix("hand+")
     if resize == "pad":
         arr = pad_to_square(arr)
     if arr.shape == (size, size):
@@ -178,24 +188,26 @@ def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
-def decode_size(size: int, crop: bool) -> int:
-    """Side length images are resized to before a (random or central) crop to ``size``."""
-    return round(size / CROP_FRACTION) if crop else size
+def decode_size(image_size: int, random_crop: bool) -> int:
+    """Side length images are resized to for a model trained with ``random_crop``: the
+    crop (random in training, central otherwise) then cuts ``image_size`` from it."""
+    return round(image_size / CROP_FRACTION) if random_crop else image_size
 
 
-def preprocess_array(gray: np.ndarray, size: int, resize: str = "pad",
-                     crop: bool = False, center: bool = True) -> np.ndarray:
-    """2-D uint8 -> (S, S, 1) uint8: pad/stretch, resize, and with ``crop`` resize to
-    ``size / 0.875`` then cut the centre ``size`` window (``center=False`` leaves the
-    larger image for a random crop during training)."""
-    arr = resize_gray(gray, decode_size(size, crop), resize)
-    if crop and center:
-        arr = center_crop(arr, size)
+def preprocess_array(gray: np.ndarray, image_size: int, geometry: str = "pad",
+                     random_crop: bool = False, center: bool = True) -> np.ndarray:
+    """2-D uint8 -> (S, S, 1) uint8: to a square (``geometry``), resize, and for a
+    ``random_crop`` model resize to ``image_size / 0.875`` then cut the centre window
+    (``center=False`` leaves the larger image for the random crop of training)."""
+    arr = resize_gray(gray, decode_size(image_size, random_crop), geometry)
+    if random_crop and center:
+        arr = center_crop(arr, image_size)
     return arr[..., None]
 
 
-def load_image(path: str | Path, size: int, resize: str = "pad", crop: bool = False,
-               center: bool = True, notes: dict[str, list[str]] | None = None,
-               ) -> np.ndarray:
-    """Decode a file, make it gray, pad/stretch and resize: (size, size, 1) uint8."""
-    return preprocess_array(read_gray(path, notes), size, resize, crop, center)
+def load_image(path: str | Path, image_size: int, geometry: str = "pad",
+               random_crop: bool = False, center: bool = True,
+               notes: dict[str, list[str]] | None = None) -> np.ndarray:
+    """Decode a file, make it gray, bring it to a square and resize: (S, S, 1) uint8."""
+    return preprocess_array(read_gray(path, notes), image_size, geometry, random_crop,
+                            center)

@@ -37,7 +37,7 @@ from .data import IMAGE_SUFFIXES, DataError, parse_sex, sex_or_error
 from .errors import BoneAgeError
 from .extras import install_hint
 from .files import check_output_file, write_csv
-from .images import ImageError, load_image
+from .images import ImageError, geometry_name, load_image
 from .model import load_model, preprocessing_of
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class OnnxPredictor:
         shape = list(inputs[0].shape)
         if len(shape) != 4 or shape[1:3] != [size, size]:
             raise ModelFileError(f"{path} takes images of shape {shape}, but its model.json "
-                                 f"says input_size {size}: the two come from different "
+                                 f"says image_size {size}: the two come from different "
                                  "exports; keep each model.onnx with its own model.json.")
         if len(inputs) != (2 if self.preprocessing["use_sex"] else 1):
             raise ModelFileError(f"{path} has {len(inputs)} input(s), but its model.json "
@@ -171,9 +171,16 @@ class OnnxPredictor:
 
 
 def _preprocessing_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """``preprocessing_of``'s dict from an export's model.json (also as written before
+    it used the config's names: ``input_size``, ``center_crop``, ``hand+`` resize)."""
     pre = meta["preprocessing"]
-    return {"image_size": meta["input_size"], "resize": pre["resize"],
-            "crop": pre["center_crop"], "use_sex": meta["use_sex"]}
+    resize = pre["resize"]
+    crop_hand = bool(pre.get("crop_hand", resize.startswith("hand+")))
+    resize = resize.removeprefix("hand+")
+    return {"image_size": meta.get("image_size", meta.get("input_size")), "resize": resize,
+            "crop_hand": crop_hand,
+            "random_crop": bool(pre.get("random_crop", pre.get("center_crop", False))),
+            "geometry": geometry_name(resize, crop_hand), "use_sex": meta["use_sex"]}
 
 
 def _export_meta(path: Path) -> dict[str, Any]:
@@ -291,10 +298,10 @@ def _check_sex(members: list[Any], male: np.ndarray | None) -> None:
                         "(a male/Sex column, or --sex M|F for single images).")
 
 
-def _try_read(read: Callable[..., np.ndarray], path: str, size: int, resize: str,
-              crop: bool) -> tuple[np.ndarray | None, str | None]:
+def _try_read(read: Callable[..., np.ndarray], path: str, image_size: int,
+              geometry: str, random_crop: bool) -> tuple[np.ndarray | None, str | None]:
     try:
-        return read(path, size, resize, crop), None
+        return read(path, image_size, geometry, random_crop), None
     except ImageError as err:
         return None, str(err)
 
@@ -306,8 +313,8 @@ def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = N
                    skip_unreadable: bool = False) -> Prediction:
     """Predict every image with each member (TTA views averaged, MC samples drawn).
 
-    ``reader`` decodes ``(path, size, resize, crop)``: ``load_image`` or a prepared
-    cache's ``load``; one per member, or one for all. An image that cannot be decoded
+    ``reader`` decodes ``(path, image_size, geometry, random_crop)``: ``load_image``
+    or a prepared cache's ``load``; one per member, or one for all. An image that cannot be decoded
     raises, or with ``skip_unreadable`` gets NaN months and its reason in ``failed``.
     A model that predicts non-finite months for a readable image is an error."""
     members = as_members(model)
@@ -325,13 +332,14 @@ def predict_images(model: Any, paths: Sequence[str], male: np.ndarray | None = N
     with ThreadPoolExecutor(max_workers=4) as pool:
         for member, read in zip(members, readers):
             pre = member.preprocessing
-            size, resize, crop = pre["image_size"], pre["resize"], pre["crop"]
+            size, geometry = pre["image_size"], pre["geometry"]
+            random_crop = pre["random_crop"]
             outs: dict[str, list[np.ndarray]] = {"point": [], "identity": [], "var": []}
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
                 n = len(chunk)
                 decoded = list(pool.map(_try_read, [read] * n, chunk, [size] * n,
-                                        [resize] * n, [crop] * n))
+                                        [geometry] * n, [random_crop] * n))
                 for offset, (_, problem) in enumerate(decoded):
                     if problem is not None:
                         if not skip_unreadable:
@@ -599,8 +607,8 @@ def predict_inputs(model_path: str | Path | Sequence[str | Path],
     male = sex_column(table, use_sex)
     notes: dict[str, list[str]] = {}
 
-    def read(path: str, size: int, resize: str, crop: bool) -> np.ndarray:
-        return load_image(path, size, resize, crop, notes=notes)
+    def read(path: str, image_size: int, geometry: str, random_crop: bool) -> np.ndarray:
+        return load_image(path, image_size, geometry, random_crop, notes=notes)
 
     prediction = predict_images(members, table["path"].tolist(), male, tta=tta,
                                 mc_samples=mc_samples, progress=progress, reader=read,

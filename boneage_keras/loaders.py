@@ -136,23 +136,25 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     batches are ``(inputs, boneage, weight)``, the weight 0 for an image that failed
     to decode mid-run (see :class:`TolerantReader`), else 1.
 
-    ``reader(path, size, resize, crop, center)`` gives one (S, S, 1) uint8 image:
+    ``reader(path, image_size, geometry, random_crop, center)`` gives one (S, S, 1)
+    uint8 image:
     ``images.load_image`` (decode the file) or a prepared cache's ``load``.
     """
     tf = tensorflow_for_input()
     if augmenter is not None and augmenter.tf_function is None:
         raise ConfigError("config key 'augment.engine': tf.data needs the keras-cv engine "
                           "(set augment.engine=keras-cv, or data.loader=pydataset).")
-    size, resize, crop = cfg.data.image_size, geometry(cfg.data), cfg.augment.random_crop
-    random_crop = training and crop
-    side = decode_size(size, crop) if random_crop else size
+    size, shape = cfg.data.image_size, geometry(cfg.data)
+    random_crop = cfg.augment.random_crop
+    cropping = training and random_crop      # else the central window, as in evaluation
+    side = decode_size(size, random_crop) if cropping else size
     paths, male, labels = _columns(df)
 
     tolerant = TolerantReader(reader, cfg.data.max_unreadable)
     blank = np.zeros((side, side, 1), np.uint8)
 
     def decode(path: bytes) -> tuple[np.ndarray, bool]:
-        image = tolerant(path.decode(), size, resize, crop, center=not random_crop)
+        image = tolerant(path.decode(), size, shape, random_crop, center=not cropping)
         return (blank, False) if image is None else (image, True)
 
     def load(path, sex, label):
@@ -213,7 +215,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
         self.paths, self.male, self.labels = _columns(df)
         self.cfg, self.training = cfg, training
         self.reader = TolerantReader(reader, cfg.data.max_unreadable)
-        self.random_crop = training and cfg.augment.random_crop
+        self.cropping = training and cfg.augment.random_crop  # else the central window
         self.augmenter = augmenter if training else None
         self.epoch = start_epoch
         self._next_epoch = start_epoch
@@ -258,7 +260,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
         """Image ``i`` decoded (None if it failed, see :class:`TolerantReader`)."""
         d = self.cfg.data
         return self.reader(self.paths[i], d.image_size, geometry(d),
-                           self.cfg.augment.random_crop, center=not self.random_crop)
+                           self.cfg.augment.random_crop, center=not self.cropping)
 
     def _shard_batch(self, index: int) -> tuple[Any, Any, np.ndarray]:
         """Step ``index`` of this process's shard: a full batch whose padding (and any
@@ -268,7 +270,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
         per = self.cfg.train.batch_size // r.processes
         d = self.cfg.data
         side = decode_size(d.image_size, self.cfg.augment.random_crop) \
-            if self.random_crop else d.image_size
+            if self.cropping else d.image_size
         images = np.zeros((per, side, side, 1), np.float32)
         male = np.zeros((per, 1), np.float32)
         labels = np.zeros(per, np.float32)

@@ -15,7 +15,8 @@ Grayscale and ImageNet weights: the gray channel is repeated three times, so the
 pretrained first convolution sees exactly what it was trained on (a gray photo) and
 the backbone's own ImageNet preprocessing applies unchanged. Preprocessing lives in the
 model, so every saved model carries it; ``GrayPreprocess`` also records how images
-were resized (``image_size``, ``resize``, ``crop``) for ``predict``.
+were prepared (``image_size``, ``resize``, ``crop_hand``, ``random_crop``: the config's
+names) for ``predict``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from .config import Config, geometry
+from .config import Config
 from .errors import BoneAgeError
+from .images import geometry_name
 
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -53,15 +55,22 @@ class GrayPreprocess(layers.Layer):
 
     ``mode``: ``caffe`` (mean subtraction, ResNet50), ``tf`` (scale to -1..1),
     ``torch`` (0..1 then ImageNet mean/std), ``raw`` (unchanged; the backbone
-    normalises itself). The other arguments only record how images were prepared.
+    normalises itself). The other arguments only record how images were prepared, under
+    the config's names; files written before these names (``crop``, ``resize`` with a
+    ``hand+`` prefix) load the same.
     """
 
     def __init__(self, mode: str = "caffe", image_size: int = 224, resize: str = "pad",
-                 crop: bool = False, standardize: bool = False, **kwargs: Any) -> None:
+                 crop_hand: bool = False, random_crop: bool = False,
+                 standardize: bool = False, **kwargs: Any) -> None:
+        random_crop = kwargs.pop("crop", random_crop)
         super().__init__(**kwargs)
         if mode not in ("caffe", "tf", "torch", "raw"):
             raise ValueError(f"unknown preprocessing mode {mode!r}")
-        self.mode, self.image_size, self.resize, self.crop = mode, image_size, resize, crop
+        if resize.startswith("hand+"):
+            crop_hand, resize = True, resize.removeprefix("hand+")
+        self.mode, self.image_size, self.resize = mode, image_size, resize
+        self.crop_hand, self.random_crop = bool(crop_hand), bool(random_crop)
         self.standardize = standardize
 
     def call(self, images):
@@ -87,7 +96,8 @@ class GrayPreprocess(layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "mode": self.mode, "image_size": self.image_size,
-                "resize": self.resize, "crop": self.crop, "standardize": self.standardize}
+                "resize": self.resize, "crop_hand": self.crop_hand,
+                "random_crop": self.random_crop, "standardize": self.standardize}
 
 
 @keras.saving.register_keras_serializable(package="boneage_keras")
@@ -211,8 +221,8 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     size = d.image_size
     _, mode = BACKBONE_SPECS.get(m.backbone, (None, "caffe"))
     image = keras.Input((size, size, 1), name="image")
-    x = GrayPreprocess(mode, size, geometry(d), cfg.augment.random_crop, m.standardize,
-                       name="preprocess")(image)
+    x = GrayPreprocess(mode, size, d.resize, d.crop_hand, cfg.augment.random_crop,
+                       m.standardize, name="preprocess")(image)
     x = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool)(x)
     inputs: Any = image
     if m.use_sex:
@@ -267,7 +277,9 @@ def refresh_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
 
 
 def preprocessing_of(model: keras.Model) -> dict[str, Any]:
-    """How a saved bone-age model expects its images: size, resize, crop, sex input.
+    """How a saved bone-age model expects its images: ``image_size``, ``resize``,
+    ``crop_hand``, ``random_crop``, ``geometry`` (resize and hand crop as the readers
+    take them) and ``use_sex``.
 
     Raises ValueError if ``model`` was not built by :func:`build_model`.
     """
@@ -279,7 +291,9 @@ def preprocessing_of(model: keras.Model) -> dict[str, Any]:
         raise ValueError(  # noqa: TRY004 (a wrong model, not a wrong Python type)
             f"model '{model.name}' is not a boneage-keras model (it has no "
                          "'preprocess' layer); use a .keras file written by `boneage train`.")
-    return {"image_size": layer.image_size, "resize": layer.resize, "crop": layer.crop,
+    return {"image_size": layer.image_size, "resize": layer.resize,
+            "crop_hand": layer.crop_hand, "random_crop": layer.random_crop,
+            "geometry": geometry_name(layer.resize, layer.crop_hand),
             "use_sex": any(t.name == "male" for t in model.inputs)}
 
 

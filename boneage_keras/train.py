@@ -135,6 +135,7 @@ class TrainResult:
     best: dict[str, float]  # the validation metrics of the epoch in best.keras
     best_epoch: int = 0     # 1-based
     stopped_early: bool = False
+    process: str | None = None  # this process's name in a run of several processes
 
 
 def cosine_learning_rate(epoch: int, base: float, epochs: int, period: int | None = None,
@@ -665,4 +666,5 @@ def _fit(cfg: Config, run_dir: Path, split: pd.DataFrame, state: dict[str, Any] 
     log.info("best epoch %d (in best.keras): %s", keeper.best_epoch + 1,
              ", ".join(f"{k}={v:.4g}" for k, v in best.items()))
     return TrainResult(run_dir=run_dir, epochs_run=epochs_done - start, best=best,
-                       best_epoch=keeper.best_epoch + 1, stopped_early=keeper.stopped_early)
+                       best_epoch=keeper.best_epoch + 1, stopped_early=keeper.stopped_early,
+                       process=replicas.name if replicas.processes > 1 else None)

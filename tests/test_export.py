@@ -45,7 +45,7 @@ def test_all_formats_agree(exported, bulk_dir, sample_dir):
                                                   "model.json"}
     meta = json.loads((deploy / "model.json").read_text())
     use_sex = meta["use_sex"]
-    assert meta["input_size"] == 64 and meta["channels"] == 1
+    assert meta["image_size"] == 64 and meta["channels"] == 1
     assert meta["preprocessing"]["resize"] == "pad" and meta["training"]["epochs"] == 1
     paths = [str(bulk_dir / "images" / f"{i}.png") for i in IDS]
     male = np.ones((len(paths), 1), "float32")      # all male: what --sex M gives
@@ -206,10 +206,10 @@ def test_damaged_exports_are_clear_errors(exported, tmp_path, sample_dir):
     image = str(sample_dir / "images" / "1437.png")
     sex = ["--sex", "M"]
     meta = json.loads((deploy / "model.json").read_text())
-    meta["input_size"] = 96                                  # as if from another export
+    meta["image_size"] = 96                                  # as if from another export
     (deploy / "model.json").write_text(json.dumps(meta))
     proc = cli_here(["predict", "--model", deploy / "model.onnx", *sex, image], check=False)
-    assert proc.returncode == 2 and "says input_size 96" in proc.stderr
+    assert proc.returncode == 2 and "says image_size 96" in proc.stderr
     (deploy / "model.onnx").write_bytes(b"\x08\x07garbage" * 50)
     proc = cli_here(["predict", "--model", deploy / "model.onnx", *sex, image], check=False)
     assert proc.returncode == 2 and "is not a readable ONNX model" in proc.stderr

@@ -36,9 +36,9 @@ def test_pad_keeps_aspect_and_stretch_does_not(tmp_path):
     assert padded[0].max() == 0 and padded[-1].max() == 0 and padded[32].min() == 200
     stretched = load_image(path, 64, "stretch")
     assert stretched.shape == (64, 64, 1) and stretched.min() == 200
-    cropped = load_image(path, 64, "stretch", crop=True)
+    cropped = load_image(path, 64, "stretch", random_crop=True)
     assert cropped.shape == (64, 64, 1)
-    assert load_image(path, 64, "stretch", crop=True, center=False).shape == (73, 73, 1)
+    assert load_image(path, 64, "stretch", random_crop=True, center=False).shape == (73, 73, 1)
 
 
 def test_corrupt_image_names_file(tmp_path):

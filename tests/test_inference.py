@@ -108,10 +108,10 @@ def test_tta_changes_and_averages_predictions(trained_run, bulk_dir):
     np.testing.assert_allclose(out.predicted, np.mean(per_view, axis=0), atol=0.2)
 
 
-def _load(path, size, resize, crop):
+def _load(path, image_size, geometry, random_crop):
     from boneage_keras.images import load_image
 
-    return load_image(path, size, resize, crop)
+    return load_image(path, image_size, geometry, random_crop)
 
 
 @pytest.fixture(scope="module")

@@ -103,10 +103,30 @@ def test_saved_model_reloads_with_preprocessing(tmp_path):
     x = np.random.uniform(0, 255, (2, 64, 64, 1)).astype("float32")
     np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0),
                                atol=1e-5)
-    assert preprocessing_of(again) == {"image_size": 64, "resize": "stretch", "crop": False,
+    assert preprocessing_of(again) == {"image_size": 64, "resize": "stretch", "crop_hand": False,
+                                       "random_crop": False, "geometry": "stretch",
                                        "use_sex": False}
     with pytest.raises(ValueError, match="not a boneage-keras model"):
         preprocessing_of(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]))
+
+
+def test_files_written_under_the_earlier_preprocessing_names_load_the_same():
+    """Before the config's names, the layer stored ``crop`` and a ``hand+`` resize, and
+    model.json ``input_size`` and ``center_crop``: both still read."""
+    from boneage_keras.inference import _preprocessing_from_meta
+    from boneage_keras.model import GrayPreprocess
+
+    layer = GrayPreprocess.from_config({"mode": "torch", "image_size": 96,
+                                        "resize": "hand+stretch", "crop": True})
+    assert (layer.resize, layer.crop_hand, layer.random_crop) == ("stretch", True, True)
+    assert "crop" not in layer.get_config()
+    old = {"input_size": 96, "use_sex": True,
+           "preprocessing": {"resize": "hand+pad", "center_crop": True}}
+    new = {"image_size": 96, "use_sex": True,
+           "preprocessing": {"resize": "pad", "crop_hand": True, "random_crop": True}}
+    assert _preprocessing_from_meta(old) == _preprocessing_from_meta(new) == {
+        "image_size": 96, "resize": "pad", "crop_hand": True, "random_crop": True,
+        "geometry": "hand+pad", "use_sex": True}
 
 
 def test_head_activation_from_config_survives_saving(tmp_path):

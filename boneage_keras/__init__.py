@@ -16,5 +16,9 @@ _require_backend()      # a missing backend: one line naming its install extra
 with _silenced():       # on the TensorFlow backend, importing Keras starts TensorFlow
     import keras  # noqa: F401
 
+    from . import backend as _backend
+
+    _backend.start_runtime()
+
 from . import metrics as _metrics  # noqa: F401  registers ToleranceAccuracy
 from . import model as _model  # noqa: F401  registers GrayPreprocess, LabelScale

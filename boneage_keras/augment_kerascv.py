@@ -13,6 +13,8 @@ import keras_cv
 import tensorflow as tf
 from keras_cv.layers import VectorizedBaseImageAugmentationLayer
 
+from .backend import sublayers
+
 
 class SaltAndPepperTF(VectorizedBaseImageAugmentationLayer):
     """Salt-and-pepper noise as a keras-cv layer (same meaning as
@@ -78,7 +80,7 @@ def _take_generators(layers: list[Any]) -> list[tf.random.Generator]:
     generator they then draw from, in a fixed order."""
     found: list[tf.random.Generator] = []
     for layer in layers:
-        for sub in [layer, *layer._flatten_layers(include_self=False)]:
+        for sub in [layer, *sublayers(layer)]:
             for name, value in sorted(vars(sub).items()):
                 if isinstance(value, keras_cv.core.UniformFactorSampler):
                     value = GeneratorUniform(value.lower, value.upper)

@@ -1,15 +1,19 @@
 """The Keras backend this process runs on, and TensorFlow beside it.
 
-Which devices the backend computes on, whether it has a GPU, which mixed-precision
-policy fits the hardware, and TensorFlow imported for input or export only: quietly,
-and with the GPU hidden from it when the backend is torch or JAX, so it never takes GPU
-memory or a CUDA context from them.
+Everything that differs per backend lives here: which devices it computes on, whether
+it has a GPU, which mixed-precision policy fits the hardware, compiled steps, gradients
+(Grad-CAM), no-grad blocks, synchronisation and peak memory (bench), where ONNX comes
+from, and the one private Keras attribute the package touches. TensorFlow is imported
+for input or export only: quietly, and with the GPU hidden from it when the backend is
+torch or JAX, so it never takes GPU memory or a CUDA context from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -18,6 +22,16 @@ from .console import native_stderr_silenced
 from .extras import importable  # noqa: F401  (re-exported for the layers above)
 
 log = logging.getLogger(__name__)
+
+
+def start_runtime() -> None:
+    """Start TensorFlow's runtime now when it is the backend, so the lines its C++ core
+    prints as it looks for devices (cuInit on a machine without a GPU) fall inside
+    the caller's ``native_stderr_silenced`` instead of the first op's."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
 
 
 def tensorflow_for_input() -> Any:
@@ -38,6 +52,7 @@ def tensorflow_for_input() -> Any:
                     log.warning("TensorFlow was initialised before the input pipeline "
                                 "and sees the GPU; it may hold GPU memory beside %s",
                                 keras.backend.backend())
+        tf.config.list_logical_devices()   # its runtime starts here, quietly
     return tf
 
 
@@ -117,3 +132,151 @@ def mixed_precision_policy() -> str:
     elif backend == "jax":
         return "mixed_bfloat16"
     return "mixed_float16"
+
+
+def jit_setting(jit_compile: bool | None) -> bool | str:
+    """``train.jit_compile`` null: always on JAX (its eager mode is op-by-op), and on a
+    GPU for torch (torch.compile) and TensorFlow (XLA); on a CPU compiling a ResNet costs
+    more than it saves (experiments/2026-11-22-input-pipeline-speed.md)."""
+    if jit_compile is not None:
+        return jit_compile
+    if keras.backend.backend() == "jax":
+        return True
+    return "auto" if gpu_available() else False
+
+
+def no_grad() -> Any:
+    """A context in which the backend records no gradients (torch's autograd tape; the
+    other backends record none outside their gradient calls)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def value_and_gradient(fn: Callable[[Any], Any], x: Any) -> tuple[Any, Any]:
+    """``fn(x)`` and the gradient of ``sum(fn(x))`` with respect to the tensor ``x``:
+    Keras 3 has no backend-neutral gradient call."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+            total = tf.reduce_sum(y)   # inside the tape, or it is not recorded
+        return y, tape.gradient(total, x)
+    if backend == "torch":
+        import torch
+
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = fn(x)
+            (grad,) = torch.autograd.grad(y.sum(), x)
+        return y.detach(), grad
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        y, pullback = jax.vjp(fn, x)
+        return y, pullback(jnp.ones_like(y))[0]
+    raise RuntimeError(f"gradients are not implemented for the {backend} backend; use "
+                       "KERAS_BACKEND=torch, jax or tensorflow.")
+
+
+def synchronize() -> None:
+    """Wait for the accelerator's queued work (torch on CUDA runs asynchronously), so a
+    timer around it measures the work."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def peak_accelerator_memory_mb() -> float | None:
+    """The most accelerator memory the backend has held in this process (torch on CUDA,
+    JAX on a device that reports it), else None."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    elif backend == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return stats["peak_bytes_in_use"] / 2**20
+    return None
+
+
+def backend_version() -> str:
+    """The version of the active backend's package (torch, jax, tensorflow)."""
+    import importlib
+
+    backend = keras.backend.backend()
+    if backend not in ("torch", "tensorflow", "jax"):
+        return "?"
+    return getattr(importlib.import_module(backend), "__version__", "?")
+
+
+def tensorflow_is_backend() -> bool:
+    """Whether TensorFlow formats (SavedModel) can be written in this process."""
+    return keras.backend.backend() == "tensorflow"
+
+
+def onnx_through_tensorflow() -> bool:
+    """Whether Keras writes ONNX only through TensorFlow here (from JAX: a TensorFlow
+    child process re-loads the model); torch and TensorFlow export it themselves."""
+    return keras.backend.backend() == "jax"
+
+
+def onnx_modules() -> list[str]:
+    """What writing ONNX needs on this backend: Keras' exporter goes through torch.onnx
+    on torch, through tf2onnx elsewhere; onnxruntime checks the file."""
+    extra = [] if keras.backend.backend() == "torch" else ["tf2onnx"]
+    return ["onnx", "onnxruntime", *extra]
+
+
+def sublayers(layer: Any) -> Iterator[Any]:
+    """Every layer inside ``layer``, depth first, through public attributes: a model's
+    ``layers``, and layers held as attributes (wrappers such as keras-cv's
+    ``RandomApply``), which on torch are the module's ``children()``."""
+    seen: set[int] = {id(layer)}
+    stack = [layer]
+    while stack:
+        current = stack.pop()
+        children = list(getattr(current, "layers", None) or [])
+        children += list(vars(current).values())
+        if keras.backend.backend() == "torch":
+            children += list(current.children())
+        children = [c for c in children if isinstance(c, keras.layers.Layer)]
+        for child in reversed(children):
+            if id(child) not in seen:
+                seen.add(id(child))
+                yield child
+                stack.append(child)
+
+
+@contextlib.contextmanager
+def substituted_values(variables: list[Any], values: list[Any]) -> Iterator[None]:
+    """Let each Keras variable read as the given array while the block runs, then
+    restore it, without copying (JAX only).
+
+    Keras has no public way to do this: it sets ``Variable._value``, the array a JAX
+    variable holds (checked on Keras 3.8-3.15; ``tests/test_backend.py`` fails when a
+    Keras release changes it). Used to save a replicated global array from one process
+    of a multi-process run without a collective.
+    """
+    saved = [v._value for v in variables]
+    try:
+        for v, value in zip(variables, values):
+            v._value = value
+        yield
+    finally:
+        for v, value in zip(variables, saved):
+            v._value = value

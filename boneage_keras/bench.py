@@ -18,13 +18,21 @@ import keras
 import numpy as np
 import pandas as pd
 
-from .backend import cpu_has_bfloat16, gpu_available, mixed_precision_policy
+from .backend import (
+    cpu_has_bfloat16,
+    gpu_available,
+    mixed_precision_policy,
+    peak_accelerator_memory_mb,
+    synchronize,
+)
 from .cache import find_cache
+from .callbacks import StopOnSignal
 from .config import Config, geometry
 from .data import load_dataset
 from .images import load_image
+from .inputs import model_inputs
 from .model import build_model
-from .train import StopOnSignal, compile_model
+from .train import compile_model
 
 
 def _repeat_table(table: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -88,10 +96,8 @@ def _random_batch(cfg: Config) -> tuple[Any, np.ndarray]:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 1)).astype(np.float32)
     y = rng.uniform(0, 230, (batch,)).astype(np.float32)
-    if cfg.model.use_sex:
-        male = rng.integers(0, 2, (batch, 1)).astype(np.float32)
-        return {"image": x, "male": male}, y
-    return x, y
+    male = rng.integers(0, 2, (batch, 1)).astype(np.float32)
+    return model_inputs(x, male, cfg.model.use_sex), y
 
 
 def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
@@ -181,35 +187,18 @@ def replica_scaling(cfg: Config, steps: int = 10) -> dict[str, Any]:
 
 def _seconds(work: Any) -> float:
     """Wall seconds of ``work()``, the GPU's queue drained before and after."""
-    _sync()
+    synchronize()
     start = time.perf_counter()
     work()
-    _sync()
+    synchronize()
     return time.perf_counter() - start
-
-
-def _sync() -> None:
-    if keras.backend.backend() == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
 
 def _peak_memory() -> dict[str, float]:
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    elif backend == "jax":
-        import jax
-
-        stats = jax.devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            out["peak_gpu_mb"] = stats["peak_bytes_in_use"] / 2**20
+    gpu = peak_accelerator_memory_mb()
+    if gpu is not None:
+        out["peak_gpu_mb"] = gpu
     return out
 
 

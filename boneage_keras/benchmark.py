@@ -31,7 +31,8 @@ from .compare import compare_predictions
 from .config import ConfigError, load_config, parse_override
 from .evaluate import evaluate_run
 from .files import check_output_dir, write_json
-from .train import read_state, resume, run_complete, train
+from .rundir import read_state, run_complete
+from .train import resume, train
 
 log = logging.getLogger(__name__)
 DEFAULT_VARIANTS = ("image=cpu-bench,model.use_sex=false", "image+sex=cpu-bench")

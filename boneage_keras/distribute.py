@@ -44,6 +44,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .backend import sublayers, substituted_values
 from .config import Config, ConfigError
 from .errors import BoneAgeError
 
@@ -168,7 +169,7 @@ class Replicas:
 
 
 def _batchnorm_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    return [layer for layer in model._flatten_layers(include_self=False)
+    return [layer for layer in sublayers(model)
             if isinstance(layer, keras.layers.BatchNormalization)]
 
 
@@ -246,16 +247,10 @@ class _JaxReplicas(Replicas):
                                               for v in m.variables]
         if model.optimizer is not None:
             variables += list(model.optimizer.variables)
-        saved = [v._value for v in variables]
-        try:
-            for v, value in zip(variables, saved):
-                if value.is_fully_replicated:
-                    v._value = value.addressable_data(0)
-            with self.local_scope():   # saving makes variables of its own
-                yield
-        finally:
-            for v, value in zip(variables, saved):
-                v._value = value
+        local = [v.value.addressable_data(0) if v.value.is_fully_replicated else v.value
+                 for v in variables]
+        with substituted_values(variables, local), self.local_scope():
+            yield   # (the local scope: saving makes variables of its own)
 
     def agree_text(self, text: str) -> str:
         if self.processes == 1:

@@ -10,13 +10,13 @@ a region that pulls the estimate down (open growth plates) matters as much as on
 pushes it up, so by default the map keeps both signs (``mode="abs"``: the magnitude of
 the weighted sum); ``mode="positive"`` is the classification recipe (ReLU: only regions
 that raise the age; experiments/2026-11-22-gradcam-sign.md). Keras 3 has no
-backend-neutral gradient call; :func:`value_and_gradient` is the one place that knows
-the backends.
+backend-neutral gradient call; ``backend.value_and_gradient`` is the one place that
+knows the backends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from keras import ops
 
+from .backend import value_and_gradient
 from .data import DataError
 from .files import check_output_dir, replacing, write_csv
 from .images import load_image
@@ -36,36 +37,6 @@ from .inference import (
     sex_column,
 )
 from .model import preprocessing_of
-
-
-def value_and_gradient(fn: Callable[[Any], Any], x: Any) -> tuple[Any, Any]:
-    """``fn(x)`` and the gradient of ``sum(fn(x))`` with respect to the tensor ``x``."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        x = tf.convert_to_tensor(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = fn(x)
-            total = tf.reduce_sum(y)   # inside the tape, or it is not recorded
-        return y, tape.gradient(total, x)
-    if backend == "torch":
-        import torch
-
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            y = fn(x)
-            (grad,) = torch.autograd.grad(y.sum(), x)
-        return y.detach(), grad
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        y, pullback = jax.vjp(fn, x)
-        return y, pullback(jnp.ones_like(y))[0]
-    raise RuntimeError(f"Grad-CAM is not implemented for the {backend} backend; use "
-                       "KERAS_BACKEND=torch or tensorflow.")
 
 
 class _CamParts:

@@ -38,8 +38,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .backend import onnx_modules, onnx_through_tensorflow, tensorflow_is_backend
 from .errors import BoneAgeError
 from .extras import install_hint
+from .inputs import IMAGE, SEX, model_inputs
 
 FORMATS = ("keras", "savedmodel", "onnx")
 
@@ -120,8 +122,6 @@ def _available(wanted_all: bool, formats: list[str]) -> tuple[list[str], dict[st
     """The formats this machine can write, and why each other one cannot."""
     import importlib.util
 
-    import keras
-
     missing: dict[str, str] = {}
     has_tf = importlib.util.find_spec("tensorflow") is not None
     if "savedmodel" in formats and not has_tf:
@@ -129,10 +129,8 @@ def _available(wanted_all: bool, formats: list[str]) -> tuple[list[str], dict[st
                                  f"installed here: {install_hint('tensorflow')} (the "
                                  "keras and onnx formats need no TensorFlow)")
     if "onnx" in formats:
-        backend = keras.backend.backend()
-        needs = ["onnx", "onnxruntime"] + (["tf2onnx"] if backend != "torch" else [])
-        absent = [m for m in needs if importlib.util.find_spec(m) is None]
-        if backend == "jax" and not has_tf:
+        absent = [m for m in onnx_modules() if importlib.util.find_spec(m) is None]
+        if onnx_through_tensorflow() and not has_tf:
             missing["onnx"] = ("ONNX from the JAX backend is written through TensorFlow "
                                "(tf2onnx), which is not installed here: "
                                f"{install_hint('tensorflow', 'tf2onnx')}, or export with "
@@ -245,9 +243,7 @@ def _save_inference_keras(model_path: Path, target: Path) -> None:
 def write_onnx(model_path: Path, out: Path) -> None:
     """``out/model.onnx`` through Keras' own ``model.export(format="onnx")`` on the torch
     and TensorFlow backends; from JAX, in a TensorFlow child process."""
-    import keras
-
-    if keras.backend.backend() == "jax":
+    if onnx_through_tensorflow():
         _export_tf_formats(model_path, out, ["onnx"])
     else:
         keras_onnx(model_path, out / "model.onnx")
@@ -265,11 +261,9 @@ def keras_onnx(model_path: Path, target: Path) -> None:
     model = load_model(str(model_path))
     pre = preprocessing_of(model)
     size = pre["image_size"]
-    image = keras.InputSpec(shape=(None, size, size, 1), dtype="float32", name="image")
-    signature: list[Any] = [image]
-    if pre["use_sex"]:
-        male = keras.InputSpec(shape=(None, 1), dtype="float32", name="male")
-        signature = [{"image": image, "male": male}]
+    image = keras.InputSpec(shape=(None, size, size, 1), dtype="float32", name=IMAGE)
+    male = keras.InputSpec(shape=(None, 1), dtype="float32", name=SEX)
+    signature = [model_inputs(image, male, pre["use_sex"])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.export(str(target), format="onnx", input_signature=signature,
@@ -280,9 +274,7 @@ def keras_onnx(model_path: Path, target: Path) -> None:
 
 
 def _export_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
+    if tensorflow_is_backend():
         write_tf_formats(model_path, out, formats)
         return
     env = {**os.environ, "KERAS_BACKEND": "tensorflow",
@@ -323,13 +315,12 @@ def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
             x = tf.image.resize(x, (size, size))
         return tf.round(tf.clip_by_value(x, 0.0, 255.0))
 
-    image_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="image")
+    image_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name=IMAGE)
     raw_spec = tf.TensorSpec([None, None, None, 1], tf.uint8, name="images")
-    male_spec = tf.TensorSpec([None, 1], tf.float32, name="male")
+    male_spec = tf.TensorSpec([None, 1], tf.float32, name=SEX)
 
     def run(x, male=None):
-        inputs = {"image": x, "male": male} if use_sex else x
-        return {"boneage": model(inputs, training=False)}
+        return {"boneage": model(model_inputs(x, male, use_sex), training=False)}
 
     archive = keras.export.ExportArchive()
     archive.track(model)

@@ -38,6 +38,7 @@ from .errors import BoneAgeError
 from .extras import install_hint
 from .files import check_output_file, write_csv
 from .images import ImageError, geometry_name, load_image
+from .inputs import IMAGE, SEX, model_inputs
 from .model import load_model, preprocessing_of
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ class KerasPredictor:
         self._mc_model: keras.Model | None = None
 
     def _inputs(self, images: np.ndarray, male: np.ndarray | None) -> Any:
-        if self.preprocessing["use_sex"]:
-            return {"image": images, "male": male}
-        return images
+        return model_inputs(images, male, self.preprocessing["use_sex"])
 
     def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
         out = self.model.predict_on_batch(self._inputs(images, male))
@@ -127,9 +126,9 @@ class SavedModelPredictor:
         self.preprocessing = _preprocessing_from_meta(meta)
 
     def predict_batch(self, images: np.ndarray, male: np.ndarray | None) -> np.ndarray:
-        kwargs = {"image": self.tf.constant(images)}
+        kwargs = {IMAGE: self.tf.constant(images)}
         if self.preprocessing["use_sex"]:
-            kwargs["male"] = self.tf.constant(male)
+            kwargs[SEX] = self.tf.constant(male)
         return self.signature(**kwargs)["boneage"].numpy().reshape(-1)
 
 

@@ -45,15 +45,14 @@ from .config import Config, ConfigError, geometry
 from .distribute import Replicas, shard
 from .extras import install_hint
 from .images import ImageError, decode_size, load_image
+from .inputs import model_inputs
 
 log = logging.getLogger(__name__)
 PREFETCH_BATCHES = 2
 
 
 def _pack(images: Any, male: Any, labels: Any, use_sex: bool) -> tuple[Any, Any]:
-    if use_sex:
-        return {"image": images, "male": male}, labels
-    return images, labels
+    return model_inputs(images, male, use_sex), labels
 
 
 def _columns(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

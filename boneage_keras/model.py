@@ -21,16 +21,17 @@ names) for ``predict``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
 import keras
 from keras import layers, ops
 
+from .backend import no_grad, sublayers
 from .config import Config
 from .errors import BoneAgeError
 from .images import geometry_name
+from .inputs import IMAGE, SEX, model_inputs
 
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -220,16 +221,16 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     m, d = cfg.model, cfg.data
     size = d.image_size
     _, mode = BACKBONE_SPECS.get(m.backbone, (None, "caffe"))
-    image = keras.Input((size, size, 1), name="image")
+    image = keras.Input((size, size, 1), name=IMAGE)
     x = GrayPreprocess(mode, size, d.resize, d.crop_hand, cfg.augment.random_crop,
                        m.standardize, name="preprocess")(image)
     x = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool)(x)
     inputs: Any = image
     if m.use_sex:
-        male = keras.Input((1,), name="male")
+        male = keras.Input((1,), name=SEX)
         sex = layers.Dense(16, activation="relu", name="sex_dense")(male)
         x = layers.Concatenate(name="features")([x, ops.cast(sex, x.dtype)])
-        inputs = {"image": image, "male": male}
+        inputs = model_inputs(image, male, use_sex=True)
     if m.head_units:
         x = layers.Dense(m.head_units, activation=m.head_activation, name="head_dense")(x)
         if m.dropout:
@@ -252,20 +253,15 @@ def refresh_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
                     None)
     if backbone is None:
         return 0
-    norms = [layer for layer in backbone._flatten_layers(include_self=False)
+    norms = [layer for layer in sublayers(backbone)
              if isinstance(layer, layers.BatchNormalization)]
     if not norms:
         return 0
     preprocess = model.get_layer("preprocess")
     momenta = [layer.momentum for layer in norms]
-    no_grad: Any = contextlib.nullcontext()
-    if keras.backend.backend() == "torch":
-        import torch
-
-        no_grad = torch.no_grad()
     used = 0
     try:
-        with no_grad:
+        with no_grad():
             for used, images in enumerate(batches, start=1):
                 for layer in norms:   # moving = the mean of the batches so far
                     layer.momentum = (used - 1) / used
@@ -294,7 +290,7 @@ def preprocessing_of(model: keras.Model) -> dict[str, Any]:
     return {"image_size": layer.image_size, "resize": layer.resize,
             "crop_hand": layer.crop_hand, "random_crop": layer.random_crop,
             "geometry": geometry_name(layer.resize, layer.crop_hand),
-            "use_sex": any(t.name == "male" for t in model.inputs)}
+            "use_sex": any(t.name == SEX for t in model.inputs)}
 
 
 def load_model(path: str) -> keras.Model:

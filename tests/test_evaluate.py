@@ -125,8 +125,12 @@ def test_compare_two_models(trained_run, bulk_dir, tmp_path):
     assert len(first["only_in_b"]) == 3 and first["only_in_a"] == []
     assert sum(g["n"] for g in first["by_age_group"].values()) == o["n"]
     proc = cli_here(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--resamples",
-                    "500", "--seed", "7"])
+                    "500", "--seed", "7", "--out", str(tmp_path / "cmp.json")])
     assert f"{o['difference']:+.2f}" in proc.stdout and "only in B" in proc.stdout
+    assert json.loads((tmp_path / "cmp.json").read_text())["overall"] == o
+    proc = cli_here(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                     str(tmp_path / "no-such-folder" / "cmp.json")], check=False)
+    assert proc.returncode == 2 and "--out" in proc.stderr    # refused before any work
 
 
 def test_bad_inputs_are_clear(trained_run, tmp_path, sample_dir):

@@ -1,0 +1,225 @@
+"""The callbacks ``train`` gives ``fit``, one job each.
+
+Keras' own ``EarlyStopping``, ``TerminateOnNaN``, ``CSVLogger`` and ``ModelCheckpoint``
+do not behave as a run directory needs: a resumed run must keep its best value and
+early stopping's wait count (``BestEpoch`` reads and hands them to the saved state),
+every file is replaced atomically rather than appended to or overwritten in place
+(``HistoryCSV``, ``SaveModels``, ``SaveState``), ``best.keras`` and ``last.keras`` carry
+no optimizer state, and the first non-finite loss must stop the run with an error
+before anything of that epoch is written (``StopOnNonFiniteLoss``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from .distribute import Replicas
+from .errors import BoneAgeError
+from .files import replacing, write_csv, write_json
+from .model import refresh_batchnorm
+from .rundir import STATE
+
+log = logging.getLogger(__name__)
+MONITOR = "val_tolerance_accuracy"   # what picks best.keras and stops early
+
+
+
+class NonFiniteLoss(BoneAgeError, RuntimeError):
+    """The training loss became NaN or infinite; the message says where."""
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Turn Ctrl-C / SIGTERM into a clean stop at the next batch end.
+
+    The interrupted epoch is not recorded; the backup holds the last finished one.
+    A second signal stops at once. ``async_safe``: Keras may run the batch hook in its
+    callback thread, so it never makes the training loop wait for the GPU.
+    """
+
+    async_safe = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: stopping after this batch (again to stop now)")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raise :class:`NonFiniteLoss` at the first NaN or infinite loss, naming the epoch
+    and batch; placed before the writers, nothing of that epoch is saved."""
+
+    async_safe = True   # the batch hook only reads the loss
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(
+                f"training stopped: the loss became {float(loss)} at epoch "
+                f"{self.epoch + 1}, batch {batch + 1}. Nothing of this epoch was saved; "
+                "lower train.learning_rate, check the labels (data.age_range) or turn "
+                "off train.mixed_precision, then resume or retrain.")
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"training stopped: the epoch {epoch + 1} loss is "
+                                f"{float(loss)}; nothing of this epoch was saved. Lower "
+                                "train.learning_rate or check the labels.")
+
+
+class RefreshBatchNorm(keras.callbacks.Callback):
+    """Before each validation, recompute the backbone's batch-norm statistics from a
+    fixed sample of unaugmented training images (``batches``) with the current weights
+    (``model.refresh_batchnorm``), so that validation, best.keras and last.keras use
+    statistics that match their weights."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def on_test_begin(self, logs=None) -> None:
+        refresh_batchnorm(self.model, self.batches)
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Which epoch is best (the highest ``val_tolerance_accuracy``), and early stopping
+    after ``patience`` epochs without a better one. ``best``, ``best_epoch`` (0-based)
+    and ``wait`` start from a resumed run's state."""
+
+    async_safe = True
+
+    def __init__(self, patience: int | None, best: float | None = None,
+                 best_epoch: int | None = None, wait: int = 0) -> None:
+        super().__init__()
+        self.patience, self.best, self.best_epoch, self.wait = patience, best, best_epoch, wait
+        self.improved = False
+        self.stopped_early = False
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        value = (logs or {}).get(MONITOR)
+        self.improved = value is not None and (self.best is None or value > self.best)
+        if self.improved:
+            self.best, self.best_epoch, self.wait = float(value), epoch, 0
+        else:
+            self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            self.stopped_early = True
+            self.model.stop_training = True
+            log.info("early stopping: no better %s for %d epochs (best epoch %d)",
+                     MONITOR, self.wait, self.best_epoch + 1)
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """``history.csv`` rewritten after each epoch, one row per epoch; a resumed run's
+    rows from the resumed epoch on are replaced."""
+
+    async_safe = True
+
+    def __init__(self, path: Path, history: pd.DataFrame, writer: bool = True) -> None:
+        super().__init__()
+        self.path, self.history, self.writer = path, history, writer
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        row = pd.DataFrame([{"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}])
+        kept = self.history[self.history["epoch"] < epoch] if len(self.history) else None
+        self.history = row if kept is None else pd.concat([kept, row], ignore_index=True)
+        if self.writer:
+            write_csv(self.path, self.history)
+
+
+class SaveModels(keras.callbacks.Callback):
+    """``best.keras`` when :class:`BestEpoch` says the epoch is the best so far, and
+    ``last.keras`` after every epoch: the weights copied into ``twin``, an uncompiled
+    copy of the model, so neither file carries optimizer state."""
+
+    async_safe = True
+
+    def __init__(self, run_dir: Path, twin: keras.Model, best: BestEpoch,
+                 replicas: Replicas) -> None:
+        super().__init__()
+        self.run_dir, self.twin, self.best, self.replicas = run_dir, twin, best, replicas
+
+    def _save(self, name: str) -> None:
+        with self.replicas.local_values(self.model):
+            self.twin.set_weights(self.model.get_weights())
+            with replacing(self.run_dir / name) as tmp:
+                self.twin.save(tmp)
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if not self.replicas.chief:
+            return
+        if self.best.improved:
+            self._save("best.keras")
+        self._save("last.keras")
+
+
+class SaveState(keras.callbacks.Callback):
+    """``backup/``: the weights with the optimizer state, then ``state.json`` naming
+    them with the epoch, the best value and early stopping's wait, so ``resume``
+    continues exactly. The order matters: a kill between the two leaves state.json
+    naming the previous, complete file."""
+
+    async_safe = True
+
+    def __init__(self, run_dir: Path, best: BestEpoch, epochs_planned: int,
+                 replicas: Replicas) -> None:
+        super().__init__()
+        self.backup, self.best, self.replicas = run_dir / "backup", best, replicas
+        self.epochs_planned = epochs_planned
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        self.save(epoch + 1)
+
+    def save(self, epochs_done: int, finished: bool = False) -> None:
+        if not self.replicas.chief:
+            return
+        self.backup.mkdir(exist_ok=True)
+        weights = f"state-{epochs_done:04d}.weights.h5"
+        if not (self.backup / weights).is_file() or not finished:
+            with replacing(self.backup / weights) as tmp, \
+                    self.replicas.local_values(self.model):
+                self.model.save_weights(tmp)
+        b = self.best
+        write_json(self.backup / STATE, {
+            "epoch": epochs_done, "weights": weights, "best": b.best,
+            "best_epoch": b.best_epoch, "wait": b.wait, "stopped_early": b.stopped_early,
+            "finished": finished, "epochs_planned": self.epochs_planned})
+        for old in self.backup.glob("state-*.weights.h5"):
+            if old.name != weights:
+                old.unlink()

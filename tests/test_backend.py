@@ -1,0 +1,75 @@
+"""backend.py: the per-backend helpers, and the one private Keras attribute the package
+uses (a test here fails when a Keras release changes it)."""
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from conftest import REPO, backend_env
+
+from boneage_keras.backend import jit_setting, sublayers, value_and_gradient
+from boneage_keras.config import load_config
+from boneage_keras.model import build_model
+
+
+def test_substituted_values_swaps_and_restores_a_jax_variable():
+    """Variable._value on JAX: a multi-process run saves through it (distribute.py)."""
+    code = (
+        "import keras, numpy as np, jax.numpy as jnp\n"
+        "from boneage_keras.backend import substituted_values\n"
+        "v = keras.Variable(np.zeros((2, 2), 'float32'))\n"
+        "with substituted_values([v], [jnp.ones((2, 2), 'float32')]):\n"
+        "    inside = float(np.asarray(v.value).sum())\n"
+        "    saved = float(keras.ops.convert_to_numpy(keras.ops.sum(v)))\n"
+        "print(inside, saved, float(np.asarray(v.value).sum()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=backend_env("jax"),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["4.0", "4.0", "0.0"]
+
+
+def test_sublayers_finds_nested_and_wrapped_layers():
+    cfg = load_config("configs/cpu-bench.yaml", ["data.image_size=32"])
+    model = build_model(cfg)
+    norms = [la for la in sublayers(model)
+             if isinstance(la, keras.layers.BatchNormalization)]
+    # ResNet18: the stem, two per basic block (8 blocks), three downsampling shortcuts
+    assert len(norms) == 20 and len({id(n) for n in norms}) == 20
+
+    class Wrapper(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.inner = keras.layers.Dense(2)
+
+    wrapped = Wrapper()
+    assert list(sublayers(wrapped)) == [wrapped.inner]
+
+
+def test_value_and_gradient_of_a_sum_of_squares():
+    x = keras.ops.convert_to_tensor(np.array([[1.0, -2.0, 3.0]], np.float32))
+    y, grad = value_and_gradient(lambda t: t * t, x)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(y), [[1.0, 4.0, 9.0]])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(grad), [[2.0, -4.0, 6.0]])
+
+
+def test_jit_setting_compiles_nothing_on_a_cpu_unless_asked():
+    assert jit_setting(None) is False          # torch, no GPU here
+    assert jit_setting(True) is True
+
+
+def test_tensorflow_backend_starts_quietly_unless_verbose():
+    """TensorFlow's C++ core prints while it looks for devices (cuInit without a GPU):
+    nothing of it reaches stderr unless BONEAGE_VERBOSE=1 (``boneage --verbose``)."""
+    code = ("import boneage_keras, keras, numpy as np\n"
+            "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])\n"
+            "m.predict(np.ones((2, 3)), verbose=0)\n")
+    env = {**backend_env("tensorflow"), "TF_CPP_MIN_LOG_LEVEL": "0"}
+    quiet = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stderr.strip() == ""
+    loud = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          env={**env, "BONEAGE_VERBOSE": "1"}, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert loud.returncode == 0 and loud.stderr.strip() != ""

@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def start_runtime() -> None:
-    """Start TensorFlow's runtime now when it is the backend, so the lines its C++ core
-    prints as it looks for devices (cuInit on a machine without a GPU) fall inside
-    the caller's ``native_stderr_silenced`` instead of the first op's."""
+    """Let TensorFlow look for its devices now when it is the backend, so the lines its
+    C++ core prints meanwhile (cuInit on a machine without a GPU) fall inside the
+    caller's ``native_stderr_silenced`` instead of the first op's. Only the physical
+    devices: the logical ones stay open to ``distribute``'s configuration."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        tf.config.list_logical_devices()
+        tf.config.list_physical_devices()
 
 
 def tensorflow_for_input() -> Any:
@@ -52,7 +53,7 @@ def tensorflow_for_input() -> Any:
                     log.warning("TensorFlow was initialised before the input pipeline "
                                 "and sees the GPU; it may hold GPU memory beside %s",
                                 keras.backend.backend())
-        tf.config.list_logical_devices()   # its runtime starts here, quietly
+        tf.config.list_physical_devices()   # its device search runs here, quietly
     return tf
 
 

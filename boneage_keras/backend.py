@@ -24,17 +24,6 @@ from .extras import importable  # noqa: F401  (re-exported for the layers above)
 log = logging.getLogger(__name__)
 
 
-def start_runtime() -> None:
-    """Let TensorFlow look for its devices now when it is the backend, so the lines its
-    C++ core prints meanwhile (cuInit on a machine without a GPU) fall inside the
-    caller's ``native_stderr_silenced`` instead of the first op's. Only the physical
-    devices: the logical ones stay open to ``distribute``'s configuration."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
-
-
 def tensorflow_for_input() -> Any:
     """Import TensorFlow for the input pipeline (or keras-cv augmentation) only.
 

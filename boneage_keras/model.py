@@ -27,7 +27,9 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from .backend import no_grad, sublayers
+# the module, not its names: backend may be mid-import when Keras' import hook
+# (boneage_keras/__init__.py) imports this module
+from . import backend
 from .config import Config
 from .errors import BoneAgeError
 from .images import geometry_name
@@ -253,7 +255,7 @@ def refresh_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
                     None)
     if backbone is None:
         return 0
-    norms = [layer for layer in sublayers(backbone)
+    norms = [layer for layer in backend.sublayers(backbone)
              if isinstance(layer, layers.BatchNormalization)]
     if not norms:
         return 0
@@ -261,7 +263,7 @@ def refresh_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
     momenta = [layer.momentum for layer in norms]
     used = 0
     try:
-        with no_grad():
+        with backend.no_grad():
             for used, images in enumerate(batches, start=1):
                 for layer in norms:   # moving = the mean of the batches so far
                     layer.momentum = (used - 1) / used

@@ -113,7 +113,7 @@ def test_saved_model_reloads_with_preprocessing(tmp_path):
 def test_files_written_under_the_earlier_preprocessing_names_load_the_same():
     """Before the config's names, the layer stored ``crop`` and a ``hand+`` resize, and
     model.json ``input_size`` and ``center_crop``: both still read."""
-    from boneage_keras.inference import _preprocessing_from_meta
+    from boneage_keras.inference import preprocessing_from_meta
     from boneage_keras.model import GrayPreprocess
 
     layer = GrayPreprocess.from_config({"mode": "torch", "image_size": 96,
@@ -124,7 +124,7 @@ def test_files_written_under_the_earlier_preprocessing_names_load_the_same():
            "preprocessing": {"resize": "hand+pad", "center_crop": True}}
     new = {"image_size": 96, "use_sex": True,
            "preprocessing": {"resize": "pad", "crop_hand": True, "random_crop": True}}
-    assert _preprocessing_from_meta(old) == _preprocessing_from_meta(new) == {
+    assert preprocessing_from_meta(old) == preprocessing_from_meta(new) == {
         "image_size": 96, "resize": "pad", "crop_hand": True, "random_crop": True,
         "geometry": "hand+pad", "use_sex": True}
 
@@ -192,3 +192,21 @@ def test_importing_the_package_registers_its_custom_objects(tmp_path):
     without = "import keras\nkeras.saving.load_model(r'%s')\n" % (tmp_path / "m.keras")
     with pytest.raises(AssertionError, match="GrayPreprocess"):
         run_python(without)
+
+
+def test_keras_is_imported_lazily_and_still_registers_our_objects(tmp_path):
+    """``import boneage_keras`` loads no framework; Keras imported after it still
+    finds the custom layers (the import hook in ``boneage_keras/__init__.py``)."""
+    from conftest import run_python
+
+    model = build_model(_cfg("model.backbone=resnet18"), 90.0, 30.0)
+    model.save(tmp_path / "m.keras")
+    code = ("import sys, numpy as np, boneage_keras\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in\n"
+            "             ('keras', 'torch', 'tensorflow', 'jax')))\n"
+            "import keras\n"
+            f"m = keras.saving.load_model(r'{tmp_path / 'm.keras'}')\n"
+            "print(float(m.predict(np.zeros((1, 64, 64, 1)), verbose=0)[0, 0]))\n")
+    lines = run_python(code).split("\n")
+    assert lines[0] == "[]"
+    assert float(lines[1]) == pytest.approx(90.0, abs=1e-3)

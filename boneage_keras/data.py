@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import BoneAgeError
+from .errors import DataError
 from .extras import install_hint
 from .files import may_write, write_csv
+from .patient import SEX_VALUES, parse_sex, sex_or_error  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ CACHE_DIRNAME = ".boneage-cache"   # prepared images and the decode record live 
 CACHE_ENV = "BONEAGE_CACHE_DIR"
 DECODED_RECORD = "decoded.csv"
 AGE_RANGE = (0.0, 240.0)   # months: the RSNA labels' range (config data.age_range)
-
-
-class DataError(BoneAgeError, ValueError):
-    """The data set is missing or malformed; the message says where and how to fix it."""
 
 
 @dataclass
@@ -126,33 +123,6 @@ def download_dataset() -> Path:
         raise DataError(f"could not download {KAGGLE_DATASET} ({type(err).__name__}: "
                         f"{err}). " + how) from None
     return Path(path)
-
-
-SEX_VALUES = {"male": ("m", "male", "true", "1", "1.0"),
-              "female": ("f", "female", "false", "0", "0.0")}
-
-
-def parse_sex(value: object) -> bool | None:
-    """The one reading of a patient's sex, for labels (``male`` column), test CSVs
-    (``Sex``), ``--sex`` and DICOM headers: True = male, False = female, None = not
-    one of ``SEX_VALUES`` (M/F, male/female, true/false, 1/0; any case)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in SEX_VALUES["male"]:
-        return True
-    if text in SEX_VALUES["female"]:
-        return False
-    return None
-
-
-def sex_or_error(value: object, where: str) -> bool:
-    """:func:`parse_sex`, or a DataError naming ``where`` and the accepted values."""
-    male = parse_sex(value)
-    if male is None:
-        raise DataError(f"{where}: sex {value!r} is not one of M/F, male/female, "
-                        "true/false, 1/0.")
-    return male
 
 
 def _find_image(image_dir: Path, image_id: str) -> Path | None:

@@ -11,3 +11,7 @@ class BoneAgeError(Exception):
     # True: the command line exits without the interpreter's shut-down (which could
     # wait on collectives of a lost process)
     exit_at_once = False
+
+
+class DataError(BoneAgeError, ValueError):
+    """The data set is missing or malformed; the message says where and how to fix it."""

@@ -18,9 +18,11 @@ by their path only.
 from __future__ import annotations
 
 import datetime
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -38,6 +40,10 @@ HANDLER_PACKAGES = {
 
 class DicomError(BoneAgeError, ValueError):
     """A DICOM file cannot be used as a hand radiograph; the message says why."""
+
+
+class DicomTooLarge(DicomError):
+    """A DICOM image with more pixels than the caller accepts."""
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -62,12 +68,13 @@ def _pydicom():
     return pydicom
 
 
-def _read(path: str | Path, pixels: bool):
+def _read(path: str | Path | BinaryIO, pixels: bool, name: str | None = None):
     pydicom = _pydicom()
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=not pixels)
+        return pydicom.dcmread(path if hasattr(path, "read") else str(path),
+                               stop_before_pixels=not pixels)
     except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as err:
-        raise DicomError(f"{path}: not a readable DICOM file ({type(err).__name__}: "
+        raise DicomError(f"{name or path}: not a readable DICOM file ({type(err).__name__}: "
                          f"{str(err)[:200]}).") from None
 
 
@@ -80,9 +87,25 @@ def _handler_hint(syntax_name: str) -> str:
 
 def read_dicom_pixels(path: str | Path) -> np.ndarray:
     """The radiograph of a DICOM file as a 2-D uint8 array, bone bright."""
+    return _pixels(_read(path, pixels=True), path)
+
+
+def read_dicom_bytes(data: bytes, name: str, max_pixels: int | None = None
+                     ) -> tuple[np.ndarray, DicomHeader]:
+    """The radiograph (2-D uint8, bone bright) and header of a DICOM file held in
+    memory (an upload), named ``name`` in messages; more than ``max_pixels`` pixels
+    raise :class:`DicomTooLarge` before any are decoded."""
+    ds = _read(io.BytesIO(data), pixels=True, name=name)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if max_pixels is not None and rows * cols > max_pixels:
+        raise DicomTooLarge(f"{name}: {cols} x {rows} pixels is more than "
+                            f"{max_pixels / 1e6:g} megapixels; send a smaller image.")
+    return _pixels(ds, name), _header(ds)
+
+
+def _pixels(ds, path: str | Path) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = _read(path, pixels=True)
     if "PixelData" not in ds:
         kind = getattr(getattr(ds, "SOPClassUID", None), "name", "unknown kind")
         raise DicomError(f"{path}: a DICOM file without pixel data ({kind}), not a "
@@ -134,6 +157,7 @@ class DicomHeader:
     sex_text: str                    # PatientSex as written (M, F, O or empty)
     chronological_age: float | None  # months at the study
     sop_instance_uid: str | None
+    age_source: str | None = None    # PatientAge, or StudyDate - PatientBirthDate
 
 
 def parse_age(text: str) -> float | None:
@@ -159,12 +183,16 @@ def months_between(birth: datetime.date, study: datetime.date) -> float:
 def read_dicom_header(path: str | Path) -> DicomHeader:
     """Sex, chronological age (PatientAge, else StudyDate - PatientBirthDate, in
     months) and SOPInstanceUID of a DICOM file, without reading its pixels."""
-    ds = _read(path, pixels=False)
+    return _header(_read(path, pixels=False))
+
+
+def _header(ds) -> DicomHeader:
     sex_text = str(ds.get("PatientSex", "") or "").strip().upper()
     age = parse_age(ds.get("PatientAge", ""))
+    source = "PatientAge" if age is not None else None
     if age is None:
         birth, study = _date(ds.get("PatientBirthDate", "")), _date(ds.get("StudyDate", ""))
         if birth and study and study >= birth:
-            age = months_between(birth, study)
+            age, source = months_between(birth, study), "StudyDate - PatientBirthDate"
     uid = ds.get("SOPInstanceUID")
-    return DicomHeader(sex_text, age, str(uid) if uid else None)
+    return DicomHeader(sex_text, age, str(uid) if uid else None, source)

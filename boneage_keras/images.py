@@ -12,7 +12,9 @@ noted (:func:`looks_inverted`).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -132,7 +134,7 @@ def inversion_features(gray: np.ndarray) -> np.ndarray:
     """What tells a radiograph from its negative: bones are thin structures brighter
     than their surroundings (skew of the fine detail at three scales, in the centre),
     and the background is dark (border and centre brightness, percentiles)."""
-    from scipy import ndimage, stats
+    from scipy import ndimage
 
     x = resize_gray(gray, 128, "pad").astype(np.float64) / 255.0
     h = x.shape[0]
@@ -142,7 +144,11 @@ def inversion_features(gray: np.ndarray) -> np.ndarray:
                              x[:, -b:].ravel()])
 
     def skew(values: np.ndarray) -> float:
-        return float(stats.skew(values.ravel())) if np.ptp(values) > 0 else 0.0
+        """scipy.stats.skew (biased), without importing scipy.stats (slow to load)."""
+        if np.ptp(values) <= 0:
+            return 0.0
+        d = values.ravel() - values.mean()
+        return float(np.mean(d ** 3) / np.mean(d ** 2) ** 1.5)
 
     detail = [skew(centre - ndimage.gaussian_filter(centre, s)) for s in (1.5, 3, 6)]
     return np.array([*detail, skew(centre), float(np.median(border)),
@@ -180,6 +186,88 @@ def read_gray(path: str | Path, notes: dict[str, list[str]] | None = None,
             notes.setdefault(str(path), []).append(INVERTED_NOTE)
         return 255 - gray
     return gray
+
+
+# What an upload is, told from its first bytes (never from its name)
+SIGNATURES = (("png", b"\x89PNG\r\n\x1a\n", 0), ("jpeg", b"\xff\xd8\xff", 0),
+              ("webp", b"WEBP", 8), ("dicom", b"DICM", 128))
+LOOKALIKES = ((b"%PDF", "a PDF document"), (b"GIF8", "a GIF image"),
+              (b"PK\x03\x04", "a ZIP archive"), (b"II*\x00", "a TIFF image"),
+              (b"MM\x00*", "a TIFF image"), (b"BM", "a BMP image"),
+              (b"\x1f\x8b", "a gzip archive"), (b"{", "JSON or text"),
+              (b"<", "HTML, XML or SVG"))
+
+
+class UnsupportedFormat(ImageError):
+    """Bytes that are none of the formats an upload may have."""
+
+
+class TooManyPixels(ImageError):
+    """An image larger than the caller accepts."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """``png``, ``jpeg``, ``webp`` or ``dicom`` from the first bytes, else None."""
+    for name, magic, offset in SIGNATURES:
+        if data[offset:offset + len(magic)] == magic and (name != "webp"
+                                                          or data[:4] == b"RIFF"):
+            return name
+    return None
+
+
+def describe_bytes(data: bytes) -> str:
+    """What unsupported bytes look like, for the error message."""
+    if not data:
+        return "an empty body"
+    for magic, what in LOOKALIKES:
+        if data.startswith(magic):
+            return what
+    sample = data[:512]
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in sample):
+        return "plain text"
+    return f"unknown binary data (first bytes {data[:8].hex(' ')})"
+
+
+def gray_from_bytes(data: bytes, name: str, max_pixels: int | None = None,
+                    notes: list[str] | None = None) -> tuple[np.ndarray, Any]:
+    """An upload (PNG, JPEG, WebP or DICOM in memory) -> (2-D uint8 with bone bright,
+    the DICOM header or None). Raises :class:`UnsupportedFormat` for other bytes,
+    :class:`TooManyPixels` over ``max_pixels`` (checked before decoding) and
+    :class:`ImageError` for a damaged image; an inverted PNG/JPEG/WebP is inverted
+    back with a note in ``notes``."""
+    kind = sniff_format(data)
+    if kind is None:
+        raise UnsupportedFormat(f"{name}: not a PNG, JPEG, WebP or DICOM file; it looks "
+                                f"like {describe_bytes(data)}.")
+    if kind == "dicom":
+        from .dicom import DicomError, DicomTooLarge, read_dicom_bytes
+
+        try:
+            return read_dicom_bytes(data, name, max_pixels)
+        except DicomTooLarge as err:
+            raise TooManyPixels(str(err)) from None
+        except DicomError as err:
+            raise ImageError(str(err)) from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise TooManyPixels(f"{name}: {width} x {height} pixels is more than "
+                                    f"{max_pixels / 1e6:g} megapixels; send a smaller "
+                                    "image.")
+            image.load()
+            gray = to_gray_uint8(image)
+    except TooManyPixels:
+        raise
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as err:
+        raise ImageError(f"{name}: cannot decode this {kind.upper()} image "
+                         f"({str(err)[:160]}); send the complete file.") from None
+    if looks_inverted(gray):
+        if notes is not None:
+            notes.append(INVERTED_NOTE)
+        return 255 - gray, None
+    return gray, None
 
 
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:

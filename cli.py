@@ -305,7 +305,8 @@ def benchmark(variants, data_dir, overrides, out_dir, resamples, tta, mc_samples
 @cli.command()
 @click.argument("source")
 @click.option("--format", "formats", multiple=True, default=("all",), show_default=True,
-              help="keras, savedmodel, onnx or all (repeatable).")
+              help="keras, savedmodel, onnx, triton (a Triton model repository) or all "
+                   "(keras, savedmodel and onnx); repeatable.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to create with the exported files and model.json.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -316,6 +317,41 @@ def export(source, formats, out_dir, overwrite) -> None:
     from boneage_keras.summaries import export_summary
 
     click.echo(export_summary(export_model(source, formats, out_dir, overwrite), out_dir))
+
+
+@cli.command()
+@click.option("--model", "model_paths", required=True, multiple=True,
+              type=click.Path(), help="An export folder (model.onnx + model.json from "
+                                      "`boneage export`); repeat for an ensemble.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; one other than loopback needs --token-file.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="A file whose first line is the bearer token callers must send.")
+@click.option("--max-upload-mb", type=click.FloatRange(0.1), default=32.0,
+              show_default=True, help="Largest request body accepted.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Most images per model run.")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="How long a model run waits for more images after the first.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="onnxruntime's intra-op threads (default: one per core).")
+@click.option("--tta", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Test-time augmentation views per image (a request may ask another).")
+def serve(model_paths, host, port, token_file, max_upload_mb, max_batch, max_wait_ms,
+          threads, tta) -> None:
+    """Serve exported models over HTTP: a REST API and a web page (onnxruntime only)."""
+    _setup_logging(False)
+    from boneage_keras.extras import require
+
+    require("fastapi", "uvicorn", "python_multipart", "prometheus_client", "onnxruntime",
+            purpose="boneage serve")
+    from boneage_keras.serve import ServeOptions
+    from boneage_keras.server import run_server
+
+    run_server(list(model_paths), host, port, token_file,
+               ServeOptions(max_upload_mb=max_upload_mb, max_batch=max_batch,
+                            max_wait_ms=max_wait_ms, threads=threads, tta=tta))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@
   ``.keras`` file is loaded in a child process with ``KERAS_BACKEND=tensorflow`` and
   exported there (Keras' own torch->SavedModel route needs torch_xla).
 * ``all``: every format this machine can write; what it cannot is named and skipped.
+* ``triton`` (only when asked for): a Triton model repository ``triton/boneage/``
+  (``config.pbtxt`` for the onnxruntime backend with dynamic batching, ``1/model.onnx``).
 
 SavedModel signatures (see docs/export.md):
   serving_default  images uint8 [batch, height, width, 1] (any size; padding/resizing
@@ -44,6 +46,9 @@ from .extras import install_hint
 from .inputs import IMAGE, SEX, model_inputs
 
 FORMATS = ("keras", "savedmodel", "onnx")
+EXTRA_FORMATS = ("triton",)       # written when asked for, not by "all"
+TRITON_NAME = "boneage"
+TRITON_MAX_BATCH = 32
 
 
 class ExportError(BoneAgeError, ValueError):
@@ -56,9 +61,9 @@ def _formats(requested: Iterable[str]) -> list[str]:
         name = name.lower()
         if name == "all":
             return list(FORMATS)
-        if name not in FORMATS:
+        if name not in FORMATS + EXTRA_FORMATS:
             raise ExportError(f"unknown export format {name!r}; choose from "
-                              + ", ".join(FORMATS) + " or all.")
+                              + ", ".join(FORMATS + EXTRA_FORMATS) + " or all.")
         if name not in wanted:
             wanted.append(name)
     if not wanted:
@@ -115,7 +120,7 @@ def _metadata(model_path: Path, run_dir: Path | None, formats: list[str]) -> dic
 
 
 EXPORT_MARK = "boneage-keras export"
-EXPORT_FILES = ("model.keras", "model.onnx", "model.json", "savedmodel")
+EXPORT_FILES = ("model.keras", "model.onnx", "model.json", "savedmodel", "triton")
 
 
 def _available(wanted_all: bool, formats: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -128,10 +133,10 @@ def _available(wanted_all: bool, formats: list[str]) -> tuple[list[str], dict[st
         missing["savedmodel"] = ("the savedmodel format needs TensorFlow, which is not "
                                  f"installed here: {install_hint('tensorflow')} (the "
                                  "keras and onnx formats need no TensorFlow)")
-    if "onnx" in formats:
+    if "onnx" in formats or "triton" in formats:
         absent = [m for m in onnx_modules() if importlib.util.find_spec(m) is None]
         if onnx_through_tensorflow() and not has_tf:
-            missing["onnx"] = ("ONNX from the JAX backend is written through TensorFlow "
+            missing["onnx"] = ("ONNX (and Triton's repository) from the JAX backend is written through TensorFlow "
                                "(tf2onnx), which is not installed here: "
                                f"{install_hint('tensorflow', 'tf2onnx')}, or export with "
                                "KERAS_BACKEND=torch")
@@ -207,8 +212,12 @@ def export_model(source: str | Path, formats: Iterable[str], out_dir: str | Path
             meta["skipped"] = skipped
         if "keras" in wanted:
             _save_inference_keras(model_path, partial / "model.keras")
-        if "onnx" in wanted:
+        if "onnx" in wanted or "triton" in wanted:
             write_onnx(model_path, partial)
+        if "triton" in wanted:
+            write_triton(partial / "model.onnx", partial / "triton")
+            if "onnx" not in wanted:
+                (partial / "model.onnx").unlink()
         if "savedmodel" in wanted:
             _export_tf_formats(model_path, partial, ["savedmodel"])
         (partial / "model.json").write_text(json.dumps(meta, indent=2))
@@ -336,6 +345,43 @@ def write_tf_formats(model_path: Path, out: Path, formats: list[str]) -> None:
         archive.add_endpoint("preprocessed", lambda image: run(image),
                              input_signature=[image_spec])
     archive.write_out(str(out / "savedmodel"), verbose=False)
+
+
+TRITON_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 2: "TYPE_UINT8"}
+
+
+def triton_config(onnx_path: Path, name: str = TRITON_NAME,
+                  max_batch_size: int = TRITON_MAX_BATCH) -> str:
+    """Triton's ``config.pbtxt`` for an ONNX model with a dynamic first (batch) axis:
+    the onnxruntime backend, the graph's inputs and output without the batch axis, and
+    dynamic batching."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def tensors(values: Any) -> str:
+        entries = []
+        for value in values:
+            kind = value.type.tensor_type
+            dims = [d.dim_value for d in kind.shape.dim][1:]
+            entries.append(f'  {{\n    name: "{value.name}"\n    data_type: '
+                           f"{TRITON_TYPES[kind.elem_type]}\n    dims: "
+                           f"[ {', '.join(str(d) for d in dims)} ]\n  }}")
+        return ",\n".join(entries)
+
+    return (f'name: "{name}"\nplatform: "onnxruntime_onnx"\n'
+            f"max_batch_size: {max_batch_size}\n"
+            f"input [\n{tensors(graph.input)}\n]\n"
+            f"output [\n{tensors(graph.output)}\n]\n"
+            "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}\n")
+
+
+def write_triton(onnx_path: Path, repository: Path) -> None:
+    """A Triton model repository: ``boneage/config.pbtxt`` + ``boneage/1/model.onnx``."""
+    version = repository / TRITON_NAME / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(onnx_path, version / "model.onnx")
+    (repository / TRITON_NAME / "config.pbtxt").write_text(triton_config(onnx_path))
 
 
 def _rename_output(proto: Any, name: str) -> None:

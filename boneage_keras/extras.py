@@ -25,6 +25,10 @@ EXTRA_OF = {
     "tf2onnx": "export",
     "kagglehub": "kaggle",
     "pylibjpeg": "dicom",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "python_multipart": "serve",
+    "prometheus_client": "serve",
 }
 BACKENDS = ("torch", "jax", "tensorflow")
 

@@ -336,10 +336,12 @@ def export(source, formats, out_dir, overwrite) -> None:
               help="How long a model run waits for more images after the first.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="onnxruntime's intra-op threads (default: one per core).")
+@click.option("--spinning/--no-spinning", default=False, show_default=True,
+              help="Let onnxruntime's idle threads spin (takes cores from decoding).")
 @click.option("--tta", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Test-time augmentation views per image (a request may ask another).")
 def serve(model_paths, host, port, token_file, max_upload_mb, max_batch, max_wait_ms,
-          threads, tta) -> None:
+          threads, spinning, tta) -> None:
     """Serve exported models over HTTP: a REST API and a web page (onnxruntime only)."""
     _setup_logging(False)
     from boneage_keras.extras import require
@@ -351,7 +353,8 @@ def serve(model_paths, host, port, token_file, max_upload_mb, max_batch, max_wai
 
     run_server(list(model_paths), host, port, token_file,
                ServeOptions(max_upload_mb=max_upload_mb, max_batch=max_batch,
-                            max_wait_ms=max_wait_ms, threads=threads, tta=tta))
+                            max_wait_ms=max_wait_ms, threads=threads,
+                            spinning=spinning, tta=tta))
 
 
 if __name__ == "__main__":

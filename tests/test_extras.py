@@ -2,6 +2,8 @@
 line naming the pip install command (exit code 2), run in child processes where the
 package is hidden (tests/hide_modules)."""
 
+from pathlib import Path
+
 import pytest
 from conftest import run_cli
 
@@ -45,7 +47,19 @@ def test_an_onnx_model_without_onnxruntime_names_the_export_extra(tmp_path, samp
     assert str(model) in one_line_refusal(proc, "export")
 
 
+def test_serve_without_its_packages_names_the_serve_extra(tmp_path):
+    proc = run_cli(["serve", "--model", str(tmp_path)], backend="torch",
+                   hide=("fastapi", "uvicorn"), check=False, timeout=120)
+    assert "boneage serve" in one_line_refusal(proc, "serve")
+
+
 def test_install_hint_groups_modules_by_extra():
     assert install_hint("onnx", "tf2onnx") == 'pip install "boneage-keras[export]"'
     assert install_hint("tensorflow", "tf2onnx") == 'pip install "boneage-keras[export,tensorflow]"'
-    assert set(EXTRA_OF.values()) <= {"torch", "jax", "tensorflow", "export", "dicom", "kaggle"}
+    # every extra a hint can name is one setup.cfg defines
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert set(EXTRA_OF.values()) <= set(setup["options.extras_require"])
+    assert install_hint("fastapi", "uvicorn") == 'pip install "boneage-keras[serve]"'

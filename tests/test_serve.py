@@ -450,3 +450,22 @@ def test_schema_fuzzing_finds_no_server_error(server, tmp_path):
 
     suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) >= 8 and int(suite.get("failures")) == 0
+
+
+def test_load_benchmark_smoke(deploy, images, tmp_path):
+    """benchmarks/serve_load.py, bounded: concurrency 1 and 8 on real radiographs, no
+    errors, the server's stage times read from /metrics."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--model", str(deploy),
+         "--images", str(images["png"][0].parent), "--concurrency", "1", "8",
+         "--requests", "40", "--seconds", "30", "--no-baseline", "--out", str(out)],
+        cwd=tmp_path, env=backend_env("torch", hide=FRAMEWORKS), capture_output=True,
+        text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    levels = json.loads(out.read_text())["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 8]
+    for level in levels:
+        assert level["errors"] == {} and level["requests"] == 40
+        assert level["requests_per_s"] > 0 and level["p50_ms"] <= level["p99_ms"]
+        assert set(level["server_stage_ms"]) == {"decode", "queue", "inference"}

@@ -51,25 +51,27 @@ class _KerasLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         from .console import native_stderr_silenced
+        from .extras import require_backend
 
+        require_backend()     # a missing backend: one line naming its install extra
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _KerasFinder)]
         with native_stderr_silenced():   # on the TensorFlow backend Keras starts it
             self.loader.exec_module(module)
             _keras_imported()
 
 
 class _KerasFinder(importlib.abc.MetaPathFinder):
-    """Finds ``keras`` through the other finders and wraps its loader (once)."""
+    """Finds ``keras`` through the other finders and wraps its loader. Finding has no
+    side effect (``importlib.util.find_spec("keras")`` only asks); the import itself
+    removes this finder."""
 
     def find_spec(self, name: str, path=None, target=None):
         if name != "keras":
             return None
-        from .extras import require_backend
-
-        require_backend()     # a missing backend: one line naming its install extra
-        sys.meta_path.remove(self)
         for finder in sys.meta_path:
-            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") \
-                else None
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
             if spec is not None:
                 spec.loader = _KerasLoader(spec.loader)
                 return spec

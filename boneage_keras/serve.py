@@ -24,6 +24,7 @@ import base64
 import hashlib
 import io
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -297,6 +298,8 @@ class Predictor:
         self.decoders = ThreadPoolExecutor(options.decode_threads,
                                            thread_name_prefix="decode")
         self.ready = False
+        self.keras_model: Any = None       # for Grad-CAM, loaded on first use
+        self.keras_lock = threading.Lock()
 
     def warm_up(self) -> None:
         """One decode (it imports what decoding needs) and one run per member on a blank
@@ -401,13 +404,13 @@ class Predictor:
 
     async def predict(self, request: ImageRequest) -> dict[str, Any]:
         """The answer for one image (raises ServeError for the caller's mistakes)."""
-        if request.explain == "gradcam":
-            raise ServeError(501, "explain_unavailable",
-                             "explain=gradcam: Grad-CAM is not served by this server; run "
-                             "`boneage explain` with the .keras model.")
-        if request.explain not in (None, "", "none"):
+        explain = request.explain not in (None, "", "none")
+        if explain and request.explain != "gradcam":
             raise ServeError(422, "bad_explain", f"explain {request.explain!r}: give none "
-                             "(gradcam is not served here).")
+                             "or gradcam.")
+        if explain and self.gradcam_unavailable():
+            raise ServeError(501, "explain_unavailable",
+                             f"explain=gradcam: {self.gradcam_unavailable()}.")
         tta = self._tta(request.tta)
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(self.decoders, self.decode, request, tta)
@@ -417,6 +420,11 @@ class Predictor:
         per_member = await self.batcher.submit(item)
         waited = time.perf_counter() - queued
         answer = self._answer(request, decoded, per_member, tta)
+        if explain:
+            started = time.perf_counter()
+            answer["gradcam_png"] = await loop.run_in_executor(
+                self.decoders, self.gradcam_png, decoded["arrays"], decoded["sex"])
+            self.metrics.stage.labels("gradcam").observe(time.perf_counter() - started)
         answer["timing_ms"] = {"decode": round(decoded["decode_s"] * 1000, 2),
                                "queue_and_inference": round(waited * 1000, 2)}
         for warning in answer["warnings"]:
@@ -477,6 +485,46 @@ class Predictor:
             answer["image_png"] = decoded["image_png"]
         return answer
 
+    def gradcam_unavailable(self) -> str | None:
+        """Why Grad-CAM cannot be served here, or None: it needs the export's
+        model.keras and a Keras backend (loaded on first use, never at start-up)."""
+        from .extras import BACKENDS, configured_backend, importable
+
+        keras_file = self.model.files[0].parent / "model.keras"
+        if not keras_file.is_file():
+            return (f"it needs model.keras beside {self.model.files[0].name} (export with "
+                    "--format keras --format onnx)")
+        backend = configured_backend()
+        if backend not in BACKENDS or not importable("keras", backend):
+            return (f"it needs Keras and its backend {backend!r} on the server "
+                    f"(pip install \"boneage-keras[{backend}]\")")
+        return None
+
+    def gradcam_png(self, arrays: dict[tuple[int, str, bool], np.ndarray],
+                    male: bool | None) -> str:
+        """Grad-CAM of the first model over the image it saw, as an overlay PNG
+        (base64): the map in red over the gray image (a thread; Keras loads once)."""
+        from PIL import Image
+
+        with self.keras_lock:
+            if self.keras_model is None:
+                from .inference import open_model
+
+                self.keras_model = open_model(self.model.files[0].parent / "model.keras")
+            from .explain import grad_cam
+
+            image = arrays[self.model.key(self.model.members[0])][:1]
+            sex = None if male is None else np.array([[float(male)]], np.float32)
+            heat, _ = grad_cam(self.keras_model, image, sex if
+                               self.model.members[0].preprocessing["use_sex"] else None)
+        gray = image[0, :, :, 0] / 255.0
+        alpha = 0.6 * heat[0]
+        rgb = np.stack([gray * (1 - alpha) + alpha, gray * (1 - alpha),
+                        gray * (1 - alpha)], axis=-1)
+        buffer = io.BytesIO()
+        Image.fromarray(np.round(rgb * 255).astype(np.uint8)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
     def model_card(self) -> dict[str, Any]:
         import onnxruntime
 
@@ -489,7 +537,7 @@ class Predictor:
                              "onnxruntime": onnxruntime.__version__},
                 "calibration": cal, "test_metrics": self.model.meta.get("metrics"),
                 "tta": self.options.tta, "use_sex": self.model.use_sex,
-                "notice": NOTICE}
+                "gradcam": self.gradcam_unavailable() is None, "notice": NOTICE}
 
 
 def _years(months: float) -> str:

@@ -2,6 +2,7 @@
 ``predict``'s on the same export, bad input gets a clear 4xx, the token guards the API,
 no training framework is imported, and SIGTERM lets requests in flight finish."""
 
+import base64
 import io
 import json
 import shutil
@@ -73,13 +74,15 @@ class Server:
 
 @pytest.fixture(scope="session")
 def deploy(trained_run, tmp_path_factory):
-    """The trained run, recalibrated on its validation split and exported to ONNX."""
+    """The trained run, recalibrated on its validation split and exported to ONNX
+    (and .keras, for Grad-CAM)."""
     root = tmp_path_factory.mktemp("serve")
     run = root / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png",
                                                                    "report.html"))
     cli_here(["evaluate", run, "--recalibrate", "--out", root / "eval"])
-    cli_here(["export", run, "--format", "onnx", "--out", root / "deploy"])
+    cli_here(["export", run, "--format", "onnx", "--format", "keras",
+              "--out", root / "deploy"])
     return root / "deploy"
 
 
@@ -186,9 +189,10 @@ def test_bad_input_is_a_clear_4xx(server, images, tmp_path):
         (post(server, images["png"][0], age="ten"), 422, "bad_age", "not a number"),
         (post(server, images["png"][0], tta="9"), 422, "bad_tta", "choose 1"),
         (post(server, images["png"][0], sex="X"), 422, "bad_sex", "give M or F"),
-        (post(server, images["png"][0], explain="heatmap"), 422, "bad_explain", "give none"),
+        (post(server, images["png"][0], explain="heatmap"), 422, "bad_explain",
+         "give none or gradcam"),
         (post(server, images["png"][0], explain="gradcam"), 501, "explain_unavailable",
-         "boneage explain"),
+         "needs Keras and its backend"),
         (server.client.post("/v1/predict", data={"sex": "M"}, files={"other": b"x"}), 422,
          "missing_file", "no `file` part"),
         (server.client.post("/v1/predict", content=b"x" * (9 * 2**20),
@@ -469,3 +473,27 @@ def test_load_benchmark_smoke(deploy, images, tmp_path):
         assert level["errors"] == {} and level["requests"] == 40
         assert level["requests_per_s"] > 0 and level["p50_ms"] <= level["p99_ms"]
         assert set(level["server_stage_ms"]) == {"decode", "queue", "inference"}
+
+
+def test_gradcam_overlay_is_the_models_map(deploy, images):
+    """With Keras on the server, explain=gradcam adds the overlay; its red excess is
+    the map grad_cam computes here from the export's model.keras."""
+    from boneage_keras.explain import grad_cam
+    from boneage_keras.images import load_image
+    from boneage_keras.inference import open_model
+
+    server = Server(["--model", deploy], hide=())
+    try:
+        assert server.client.get("/v1/model").json()["gradcam"] is True
+        answer = post(server, images["png"][0], explain="gradcam").json()
+    finally:
+        server.stop()
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["gradcam_png"]))),
+                         np.float64)
+    assert overlay.shape == (64, 64, 3)
+    heat, months = grad_cam(open_model(deploy / "model.keras"),
+                            load_image(images["png"][0], 64, "stretch")[None])
+    assert months[0] == pytest.approx(answer["uncorrected_months"], abs=0.05)
+    shown = (overlay[..., 0] - overlay[..., 1]) / 255 / 0.6
+    assert np.ptp(heat[0]) > 0.1
+    np.testing.assert_allclose(shown, heat[0], atol=0.02)

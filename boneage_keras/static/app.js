@@ -3,6 +3,7 @@
 const $ = (id) => document.getElementById(id);
 let file = null;
 let token = sessionStorage.getItem("boneage-token");
+let gradcam = false;   // the model card says whether the server can draw Grad-CAM
 
 async function call(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
@@ -65,6 +66,7 @@ $("form").addEventListener("submit", async (e) => {
   const age = ageMonths();
   if (age !== "") form.append("chronological_age_months", age);
   form.append("return_image", "true");
+  if (gradcam) form.append("explain", "gradcam");
   $("go").disabled = true;
   try {
     const r = await call("/v1/predict", { method: "POST", body: form });
@@ -87,6 +89,8 @@ function show(a) {
   $("months").textContent = a.bone_age_months.toFixed(1);
   $("years").textContent = "(" + years(a.bone_age_months) + ")";
   $("seen").src = a.image_png ? "data:image/png;base64," + a.image_png : "";
+  $("cam-box").hidden = !a.gradcam_png;
+  if (a.gradcam_png) $("cam").src = "data:image/png;base64," + a.gradcam_png;
   $("interval").textContent = a.interval
     ? Math.round(a.interval.level * 100) + "% interval: " + a.interval.lower.toFixed(1) +
       " to " + a.interval.upper.toFixed(1) + " months (" + a.interval.method + ")"
@@ -147,7 +151,9 @@ function chart(a) {
 async function card() {
   const r = await call("/v1/model");
   if (!r.ok) return;
-  const m = r.body, rows = [["model", m.name], ["sha256", m.sha256],
+  const m = r.body;
+  gradcam = m.gradcam === true;
+  const rows = [["model", m.name], ["sha256", m.sha256],
     ["test MAE", m.test_metrics && m.test_metrics.mae != null ? m.test_metrics.mae.toFixed(2) + " months" : "not measured"],
     ["interval", m.calibration ? Math.round(m.calibration.level * 100) + "% (" + m.calibration.fitted_on + ")" : "none"],
     ["takes sex", m.use_sex ? "yes" : "no"], ["notice", m.notice]];

@@ -252,7 +252,7 @@ def test_model_health_and_metrics_routes(server, deploy):
     assert 'boneage_warnings_total{kind="inverted_image"}' in metrics
 
 
-def test_token_host_sigterm_and_no_framework_imported(deploy, images, tmp_path):
+def test_token_host_sigterm_and_no_framework_imported(deploy, images, tmp_path, request):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token-of-the-test\n")
     refused = cli_here(["serve", "--model", deploy, "--host", "0.0.0.0"], check=False)
@@ -264,6 +264,7 @@ def test_token_host_sigterm_and_no_framework_imported(deploy, images, tmp_path):
     server = Server(["--model", deploy, "--token-file", token_file], hide=(),
                     token="s3cret-token-of-the-test", env={"TMPDIR": str(temp)},
                     report=report)
+    request.addfinalizer(lambda: server.process.poll() is None and server.process.kill())
     anonymous = httpx.post(f"{server.url}/v1/predict", files={"file": b"x"})
     assert anonymous.status_code == 401 and anonymous.json()["code"] == "unauthorized"
     wrong = httpx.get(f"{server.url}/v1/model", headers={"Authorization": "Bearer nope"})

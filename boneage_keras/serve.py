@@ -83,7 +83,6 @@ class ServeOptions:
     threads: int | None = None
     spinning: bool = False
     tta: int = 1
-    token: str | None = None
     decode_threads: int = 2
 
 

@@ -408,7 +408,6 @@ def run_server(model_paths: Sequence[str | Path], host: str = "127.0.0.1",
 
     options = options or ServeOptions()
     token = read_token(token_file, host)
-    options.token = token
     model = ServedModel(model_paths, threads=options.threads, spinning=options.spinning)
     predictor = Predictor(model, options)
     app = create_app(predictor, token)

@@ -32,7 +32,7 @@ import pandas as pd
 
 from . import console
 from .calibration import apply_calibration
-from .data import IMAGE_SUFFIXES, DataError, parse_sex, sex_or_error
+from .data import IMAGE_SUFFIXES, DataError, sex_or_error
 from .errors import BoneAgeError
 from .exported import (  # noqa: F401  (part of this module's interface)
     SHIFT,
@@ -49,6 +49,7 @@ from .files import check_output_file, write_csv
 from .images import ImageError, load_image
 from .inputs import IMAGE, SEX, model_inputs
 from .model import load_model, preprocessing_of
+from .patient import sex_with_header
 
 log = logging.getLogger(__name__)
 Z90 = 1.6448536269514722   # two-sided 90% normal quantile
@@ -400,13 +401,8 @@ def _fill_from_header(row: dict[str, Any], default_male: bool | None, sex_overri
         header = read_dicom_header(row["path"])
     except BoneAgeError as err:
         raise DataError(str(err)) from None
-    header_male = parse_sex(header.sex_text) if header.sex_text in ("M", "F") else None
-    if given_male is not None and header_male is not None and given_male != header_male \
-            and not sex_override:
-        raise DataError(f"{row['path']}: the sex given ({'M' if given_male else 'F'}) "
-                        f"contradicts the DICOM header's PatientSex ({header.sex_text}); "
-                        "check the file, or pass --sex-override to use yours.")
-    row["male"] = given_male if given_male is not None else header_male
+    row["male"] = sex_with_header(given_male, header.sex_text, row["path"],
+                                  "pass --sex-override", sex_override)
     row["chronological_age"] = header.chronological_age
     if id_from == "sop" and header.sop_instance_uid:
         row["id"] = header.sop_instance_uid

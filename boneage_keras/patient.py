@@ -47,3 +47,22 @@ def age_or_error(value: object, where: str) -> float:
         raise DataError(f"{where}: chronological age {months:g} months is outside 0-"
                         f"{MAX_AGE_MONTHS:g}; give it in months (10 years = 120).")
     return months
+
+
+class SexContradiction(DataError):
+    """The sex given contradicts the DICOM header's PatientSex."""
+
+
+def sex_with_header(given: bool | None, header_sex: str, where: str, override: str,
+                    overridden: bool) -> bool | None:
+    """The sex to use for one image: ``given`` (True = male) unless the DICOM header's
+    PatientSex (M/F) contradicts it and ``overridden`` is false (then
+    :class:`SexContradiction` naming ``where`` and how to ``override``), else the
+    header's, else None."""
+    from_header = parse_sex(header_sex) if header_sex in ("M", "F") else None
+    if given is not None and from_header is not None and given != from_header \
+            and not overridden:
+        raise SexContradiction(f"{where}: the sex given ({'M' if given else 'F'}) "
+                               f"contradicts the DICOM header's PatientSex ({header_sex}); "
+                               f"check the file, or {override} to use yours.")
+    return given if given is not None else from_header

@@ -51,7 +51,7 @@ from .images import (
     gray_from_bytes,
     preprocess_array,
 )
-from .patient import age_or_error, parse_sex
+from .patient import SexContradiction, age_or_error, parse_sex, sex_with_header
 
 log = logging.getLogger(__name__)
 NOTICE = "research use only, not for diagnostic use"
@@ -367,22 +367,19 @@ class Predictor:
             if str(request.sex).strip().upper() not in ("M", "F"):
                 raise ServeError(422, "bad_sex", f"sex {request.sex!r}: give M or F.")
             given = parse_sex(request.sex)
-        from_header = None
-        if header is not None and header.sex_text in ("M", "F"):
-            from_header = header.sex_text == "M"
-        if given is not None and from_header is not None and given != from_header \
-                and not _flag(request.sex_override):
-            raise ServeError(422, "sex_contradicts_header",
-                             f"{request.name}: the sex given ({'M' if given else 'F'}) "
-                             f"contradicts the DICOM header's PatientSex ({header.sex_text});"
-                             " check the file, or send sex_override=true to use yours.")
+        header_sex = header.sex_text if header is not None else ""
+        try:
+            male = sex_with_header(given, header_sex, request.name, "send sex_override=true",
+                                   _flag(request.sex_override))
+        except SexContradiction as err:
+            raise ServeError(422, "sex_contradicts_header", str(err)) from None
         if given is not None:
             return given, "form"
-        if from_header is not None:
+        if male is not None:
             warnings.append({"code": "sex_from_header",
                              "message": "the sex was read from the DICOM header "
-                                        f"(PatientSex {header.sex_text})."})
-            return from_header, "dicom_header"
+                                        f"(PatientSex {header_sex})."})
+            return male, "dicom_header"
         if self.model.use_sex:
             raise ServeError(422, "sex_required", f"{request.name}: this model takes the "
                              "patient's sex; send sex=M or sex=F (or a DICOM file whose "

@@ -184,7 +184,7 @@ class MicroBatcher:
     async def submit(self, item: PendingImage) -> np.ndarray:
         if self.queue.qsize() >= QUEUE_LIMIT:
             self.metrics.rejections.labels("queue_full").inc()
-            raise ServeError(503, "queue_full", f"the server is busy ({QUEUE_LIMIT} images "
+            raise ServeError(503, "queue_full", f"the server is busy ({QUEUE_LIMIT} requests "
                              "waiting); retry in a second.", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         item.future, item.queued_at = loop.create_future(), time.perf_counter()

@@ -10,7 +10,8 @@ from conftest import cli_here
 
 SHARED = ["--set", "data.max_images=240", "--set", "data.image_size=32",
           "--set", "data.resize=stretch", "--set", "data.test_fraction=0.25",
-          "--set", "model.backbone=resnet18", "--set", "model.weights=none",
+          "--set", "model.backbone=resnet18", "--set", "model.width=0.25",
+          "--set", "model.weights=none",
           "--set", "train.epochs=2", "--set", "train.batch_size=32",
           "--set", "train.learning_rate=0.003", "--set", "augment.rotation_degrees=0",
           "--set", "augment.translation=0", "--set", "augment.scale=null",

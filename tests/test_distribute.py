@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -214,7 +215,9 @@ def test_torchrun_two_processes_a_killed_one_and_the_restart(tmp_path, bulk_dir)
     errors = _rank_output(logs, "stderr.log")
     assert torchrun.returncode == 0, out[-2000:] + errors[-3000:]
     assert "process 0 of 2 lost process 1" in errors
-    assert "local_rank: 1" in out and "exitcode: -9" in out      # torchrun names it too
+    # torchrun names the first failure it sees: the killed process, or process 0
+    # stopping on its own (exit 2) when that came first
+    assert re.search(r"exitcode: -9\) local_rank: 1|exitcode: 2\) local_rank: 0", out), out
     assert "torchrun restart 1" in errors and stopped < 240
     steps = _steps(_rank_output(logs))
     assert sorted(s["process"] for s in steps) == [0, 0, 1, 1]   # both attempts

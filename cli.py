@@ -340,8 +340,14 @@ def export(source, formats, out_dir, overwrite) -> None:
               help="Let onnxruntime's idle threads spin (takes cores from decoding).")
 @click.option("--tta", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Test-time augmentation views per image (a request may ask another).")
+@click.option("--queue-limit", type=click.IntRange(0), default=64, show_default=True,
+              help="Images that may wait for the model; more are answered 503.")
+@click.option("--wait-limit-s", type=click.FloatRange(0, min_open=True), default=30.0,
+              show_default=True, help="An image that waited longer for the model: 503.")
+@click.option("--stall-limit-s", type=click.FloatRange(0, min_open=True), default=30.0,
+              show_default=True, help="An upload silent this long is dropped (408).")
 def serve(model_paths, host, port, token_file, max_upload_mb, max_batch, max_wait_ms,
-          threads, spinning, tta) -> None:
+          threads, spinning, tta, queue_limit, wait_limit_s, stall_limit_s) -> None:
     """Serve exported models over HTTP: a REST API and a web page (onnxruntime only)."""
     _setup_logging(False)
     from boneage_keras.extras import require
@@ -354,7 +360,8 @@ def serve(model_paths, host, port, token_file, max_upload_mb, max_batch, max_wai
     run_server(list(model_paths), host, port, token_file,
                ServeOptions(max_upload_mb=max_upload_mb, max_batch=max_batch,
                             max_wait_ms=max_wait_ms, threads=threads,
-                            spinning=spinning, tta=tta))
+                            spinning=spinning, tta=tta, queue_limit=queue_limit,
+                            wait_limit_s=wait_limit_s, stall_limit_s=stall_limit_s))
 
 
 if __name__ == "__main__":

@@ -57,10 +57,7 @@ log = logging.getLogger(__name__)
 NOTICE = "research use only, not for diagnostic use"
 MAX_BATCH_FILES = 32
 MAX_PIXELS = 50_000_000
-QUEUE_LIMIT = 64
-WAIT_LIMIT_S = 30.0
-STALL_LIMIT_S = 30.0
-OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/",
+OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/", "/docs",
               "/openapi.json")
 
 
@@ -84,6 +81,9 @@ class ServeOptions:
     spinning: bool = False
     tta: int = 1
     decode_threads: int = 2
+    queue_limit: int = 64         # images waiting for the model; more are refused (503)
+    wait_limit_s: float = 30.0    # an image that waited longer for the model: 503
+    stall_limit_s: float = 30.0   # an upload silent this long is dropped (408)
 
 
 def file_sha256(path: Path) -> str:
@@ -182,21 +182,23 @@ class MicroBatcher:
         self.task = asyncio.get_running_loop().create_task(self._work())
 
     async def submit(self, item: PendingImage) -> np.ndarray:
-        if self.queue.qsize() >= QUEUE_LIMIT:
+        limit = self.options.queue_limit
+        if self.queue.qsize() >= limit:
             self.metrics.rejections.labels("queue_full").inc()
-            raise ServeError(503, "queue_full", f"the server is busy ({QUEUE_LIMIT} requests "
+            raise ServeError(503, "queue_full", f"the server is busy ({limit} requests "
                              "waiting); retry in a second.", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         item.future, item.queued_at = loop.create_future(), time.perf_counter()
         self.queue.put_nowait(item)
         self.metrics.queue_depth.set(self.queue.qsize())
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), WAIT_LIMIT_S)
+            return await asyncio.wait_for(asyncio.shield(item.future),
+                                          self.options.wait_limit_s)
         except TimeoutError:
             item.future.cancel()
             self.metrics.rejections.labels("timeout").inc()
-            raise ServeError(503, "timeout", f"the image waited {WAIT_LIMIT_S:g} s for the "
-                             "model; retry later.", {"Retry-After": "5"}) from None
+            raise ServeError(503, "timeout", f"the image waited {self.options.wait_limit_s:g} "
+                             "s for the model; retry later.", {"Retry-After": "5"}) from None
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()

@@ -34,7 +34,6 @@ from .serve import (
     FIELDS,
     MAX_BATCH_FILES,
     OPEN_PATHS,
-    STALL_LIMIT_S,
     ImageRequest,
     Predictor,
     ServedModel,
@@ -112,9 +111,9 @@ def read_token(token_file: str | Path | None, host: str) -> str | None:
     return token
 
 
-async def read_body(request: Any, limit: int) -> bytes:
+async def read_body(request: Any, limit: int, stall_s: float = 30.0) -> bytes:
     """The request body, refused (413) over ``limit`` bytes: from Content-Length before
-    reading, else while it streams; a client that stalls is dropped (408)."""
+    reading, else while it streams; a client silent for ``stall_s`` is dropped (408)."""
     length = request.headers.get("content-length")
     mb = limit / 2**20
     if length is not None and length.isdigit() and int(length) > limit:
@@ -124,12 +123,12 @@ async def read_body(request: Any, limit: int) -> bytes:
     stream = request.stream().__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), STALL_LIMIT_S)
+            chunk = await asyncio.wait_for(stream.__anext__(), stall_s)
         except StopAsyncIteration:
             break
         except TimeoutError:
             raise ServeError(408, "stalled_upload", f"the upload stalled for "
-                             f"{STALL_LIMIT_S:g} s; send it again.") from None
+                             f"{stall_s:g} s; send it again.") from None
         total += len(chunk)
         if total > limit:
             raise ServeError(413, "too_large", f"the upload is over the server's limit of "
@@ -196,11 +195,12 @@ def _text(value: bytes) -> str:
         raise ServeError(422, "bad_field", "a form field is not UTF-8 text.") from None
 
 
-async def image_requests(request: Any, limit: int, batch: bool) -> list[ImageRequest]:
+async def image_requests(request: Any, limit: int, batch: bool,
+                         stall_s: float = 30.0) -> list[ImageRequest]:
     """The images of a request and their fields: multipart (``file`` parts and form
     fields, once for all or once per file, in order) or one raw image with the fields
     as query parameters."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, stall_s)
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         if batch:
@@ -319,14 +319,14 @@ def create_app(predictor: Predictor, token: str | None = None) -> Any:
     async def predict(request: Request) -> dict[str, Any]:
         """Bone age of one image: multipart `file` + fields, or a raw image body with
         the fields as query parameters."""
-        (one,) = await image_requests(request, limit, batch=False)
+        (one,) = await image_requests(request, limit, False, options.stall_limit_s)
         return await predictor.predict(one)
 
     @app.post("/v1/predict/batch", openapi_extra=_form_schema(True),
               responses=_errors(400, 401, 408, 413, 415, 422))
     async def predict_batch(request: Request) -> dict[str, Any]:
         """Up to 32 images: one result or one error per file, in order."""
-        items = await image_requests(request, limit, batch=True)
+        items = await image_requests(request, limit, True, options.stall_limit_s)
 
         async def one(item: ImageRequest) -> dict[str, Any]:
             try:
@@ -366,13 +366,19 @@ def create_app(predictor: Predictor, token: str | None = None) -> Any:
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        """Interactive API documentation from /openapi.json, with the package's own
+        script (no CDN)."""
+        return FileResponse(STATIC / "docs.html")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
 NOTICE_TEXT = "Research use only, not for diagnostic use."
 ROUTES = ("/v1/predict", "/v1/predict/batch", "/v1/model", "/healthz", "/readyz",
-          "/v2/health/live", "/v2/health/ready", "/metrics", "/", "/openapi.json")
+          "/v2/health/live", "/v2/health/ready", "/metrics", "/", "/docs", "/openapi.json")
 
 
 def resident_mb() -> float:

@@ -339,6 +339,63 @@ def test_a_sex_model_needs_the_sex_and_an_ensemble_averages(sex_export, images):
         server.stop()
 
 
+def test_a_busy_server_answers_503_and_drops_a_stalled_upload(sex_export, images):
+    """With the model slowed (an ensemble of 24 copies, one image per model run) and
+    the queue limited to 2: a burst of 16 gets answers or 503 queue_full with
+    Retry-After, never another status, and the server answers normally afterwards; an
+    upload that stops sending is dropped with a 408 after the stall limit; with a wait
+    limit shorter than a model run, the image is answered 503 timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = images["png"][0].read_bytes()
+
+    def one(server):
+        return server.client.post("/v1/predict?sex=M", content=data,
+                                  headers={"content-type": "image/png"})
+
+    server = Server(["--model", sex_export] * 24 + [
+        "--max-batch", "1", "--queue-limit", "2", "--stall-limit-s", "1"])
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            burst = list(pool.map(lambda _: one(server), range(16)))
+        codes = [r.json().get("code", "ok") if r.status_code != 200 else "ok"
+                 for r in burst]
+        assert {r.status_code for r in burst} <= {200, 503}, codes
+        assert set(codes) == {"ok", "queue_full"}, codes
+        busy = next(r for r in burst if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1"
+        assert "busy (2 requests waiting)" in busy.json()["error"]
+        assert one(server).status_code == 200                 # recovered
+        assert 'boneage_rejections_total{reason="queue_full"}' in \
+            server.client.get("/metrics").text
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as raw:
+            raw.sendall(b"POST /v1/predict?sex=M HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+                        + data[:1000])
+            started = time.monotonic()
+            reply = b""
+            while b"stalled_upload" not in reply:
+                chunk = raw.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            waited = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"the upload stalled for 1 s" in reply and 0.9 < waited < 10
+    finally:
+        server.stop()
+
+    server = Server(["--model", sex_export, "--wait-limit-s", "0.0001"])
+    try:
+        late = one(server)
+    finally:
+        server.stop()
+    assert late.status_code == 503 and late.headers["retry-after"] == "5"
+    assert late.json() == {"code": "timeout", "error": "the image waited 0.0001 s for the "
+                           "model; retry later."}
+
+
 def test_triton_repository_and_the_documented_kserve_request(sex_export, images):
     """config.pbtxt names the ONNX graph's tensors; the KServe V2 request of
     docs/tf-serving-triton.md, filled for this model, gives predict's months."""
@@ -388,7 +445,8 @@ def chromium() -> str:
 def test_web_page_in_a_real_browser(server, images, tmp_path):
     """Upload real radiographs through the page in headless Chromium: the shown age is
     the API's, a DICOM fills the sex from its header, an inverted PNG shows its
-    warning, a text file shows the 415 message; every request stays on the origin."""
+    warning, a text file shows the 415 message; the API page sends a real request;
+    every request stays on the origin."""
     from playwright.sync_api import sync_playwright
 
     artifacts = REPO / "test-artifacts"
@@ -430,6 +488,25 @@ def test_web_page_in_a_real_browser(server, images, tmp_path):
         assert "inverted" in page.text_content("#warnings")
         submit(text)
         assert "not a PNG, JPEG, WebP or DICOM file" in page.text_content("#error")
+        # the interactive API documentation, built from /openapi.json by the package's
+        # own script: every route listed, and a form that sends a real request
+        page.goto(server.url + "/docs")
+        page.wait_for_selector("details.route")
+        routes = set(page.locator("details.route summary code").all_text_contents())
+        assert {"GET /v1/model", "POST /v1/predict", "POST /v1/predict/batch",
+                "GET /readyz", "GET /metrics"} <= routes, routes
+        form = page.locator("details[id='post-/v1/predict']")
+        form.locator("summary").click()
+        form.locator("input[name=file]").set_input_files(str(images["png"][0]))
+        form.locator("select[name=sex]").select_option("F")
+        form.locator("input[name=chronological_age_months]").fill("120")
+        with page.expect_response("**/v1/predict"):
+            form.locator("button").click()
+        page.wait_for_function("document.querySelector(\"details[id='post-/v1/predict'] "
+                               "pre\").textContent.includes('200 OK')")
+        shown = form.locator("pre").text_content()
+        answer = json.loads(shown[shown.index("{"):])
+        assert answer["bone_age_months"] == pytest.approx(api["bone_age_months"], abs=0.01)
         browser.close()
     origin = server.url + "/"
     assert requested and all(u.startswith((origin, "data:"))

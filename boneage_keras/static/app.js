@@ -2,7 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let file = null;
-let token = sessionStorage.getItem("boneage-token");
+let token = null;      // asked once, on the first 401, and kept in this page only
 let gradcam = false;   // the model card says whether the server can draw Grad-CAM
 
 async function call(path, options = {}) {
@@ -12,7 +12,6 @@ async function call(path, options = {}) {
   if (response.status === 401) {
     token = window.prompt("This server needs its access token:");
     if (token) {
-      sessionStorage.setItem("boneage-token", token);
       headers["Authorization"] = "Bearer " + token;
       response = await fetch(path, Object.assign({}, options, { headers }));
     }

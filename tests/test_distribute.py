@@ -30,7 +30,10 @@ STEP = str(REPO / "tests" / "distributed_step.py")
 TINY = ["--set", "model.backbone=resnet18", "--set", "model.weights=none",
         "--set", "data.image_size=32", "--set", "data.max_images=80",
         "--set", "train.batch_size=16", "--set", "data.workers=1",
-        "--set", "distribute.strategy=data_parallel"]
+        "--set", "distribute.strategy=data_parallel",
+        # the NumPy augmentation engine: no TensorFlow and keras-cv to import in each
+        # process (about 3.5 s each) where the backend does not need them
+        "--set", "augment.engine=numpy"]
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ no training framework is imported, and SIGTERM lets requests in flight finish.""
 import base64
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -228,7 +229,11 @@ def test_batch_gives_one_result_or_error_per_file_in_order(server, images, tmp_p
     assert response.status_code == 422 and response.json()["code"] == "too_many_files"
 
 
-def test_model_health_and_metrics_routes(server, deploy):
+def test_model_health_and_metrics_routes(server, deploy, images, tmp_path):
+    negative = tmp_path / "negative.png"
+    Image.fromarray(255 - np.asarray(Image.open(images["png"][1]))).save(negative)
+    assert post(server, images["png"][0]).status_code == 200
+    assert post(server, negative).status_code == 200          # warned: inverted
     card = server.client.get("/v1/model").json()
     assert card["notice"] == "research use only, not for diagnostic use"
     assert card["sha256"] == __import__("hashlib").sha256(
@@ -239,11 +244,15 @@ def test_model_health_and_metrics_routes(server, deploy):
         assert server.client.get(path).status_code == 200
     spec = server.client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/predict/batch", "/v1/model"} <= set(spec["paths"])
-    assert server.client.get("/docs").status_code == 404        # no CDN-served docs
+    docs = server.client.get("/docs")                   # the package's own API page
+    assert docs.status_code == 200 and '<script src="/static/docs.js">' in docs.text
+    links = re.findall(r'(?:src|href)="([^"]*)"', docs.text)
+    assert links and all(u.startswith("/") and not u.startswith("//") for u in links)
     page = server.client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
     script = server.client.get("/static/app.js").text      # no address elsewhere
     assert script.count("://") == script.count("http://www.w3.org/2000/svg") == 1
+    assert "://" not in server.client.get("/static/docs.js").text
     metrics = server.client.get("/metrics").text
     assert 'boneage_requests_total{route="/v1/predict",status="200"}' in metrics
     assert 'boneage_stage_seconds_count{stage="decode"}' in metrics

@@ -20,6 +20,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,11 +42,15 @@ def start_server(models: list[str], port: int, extra: list[str]) -> subprocess.P
     command = [sys.executable, str(REPO / "cli.py"), "serve", "--port", str(port)]
     for model in models:
         command += ["--model", model]
-    process = subprocess.Popen(command + extra, stderr=subprocess.PIPE, text=True)
+    # the server's log (a line per request) to a file: an unread pipe fills up and
+    # blocks the server
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (open while the server runs)
+    process = subprocess.Popen(command + extra, stderr=log, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited: {process.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"the server exited: {log.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
                 return process

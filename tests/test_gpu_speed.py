@@ -1,6 +1,8 @@
 """benchmarks/gpu_speed.py runs end to end on a CPU at a small size, so the GPU
-comparison keeps working where no GPU is at hand: native PyTorch, Keras on torch and JAX,
-and the input pipeline, in one table."""
+comparison keeps working where no GPU is at hand: native PyTorch, Keras on torch and the
+input pipeline, in one table. (The JAX contender runs the same code as torch's in a JAX
+process; compiling its step made this test a third longer, and a failing contender
+leaves an error row on the GPU, not a lost run.)"""
 
 import json
 import subprocess
@@ -14,7 +16,8 @@ def test_gpu_speed_script_runs_on_cpu(tmp_path, sample_dir):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_speed.py"), "--size", "32",
          "--batches", "2", "--steps", "2", "--warmup", "1", "--quick", "--images", "16",
-         "--workers", "2", "--data-dir", str(sample_dir), "--out", str(out)],
+         "--workers", "2", "--backends", "torch", "--data-dir", str(sample_dir),
+         "--out", str(out)],
         cwd=tmp_path, env=backend_env("torch"), capture_output=True, text=True,
         timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -24,7 +27,7 @@ def test_gpu_speed_script_runs_on_cpu(tmp_path, sample_dir):
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     contenders = {(r["contender"], r["variant"], r.get("precision")) for r in rows}
     assert {("native", "eager", "fp32"), ("keras-torch", "eager", "fp32"),
-            ("keras-jax", "jit", "fp32"), ("pipeline", "pydataset/keras", None)} <= contenders
+            ("pipeline", "pydataset/keras", None)} <= contenders
     # like is compared with like: the native anchor and our Keras model are the same
     # network (ResNet50 + Dense256-Dropout-Dense1 head); Keras' ResNet50 adds conv
     # biases (26,560 parameters), nothing else
@@ -37,4 +40,4 @@ def test_gpu_speed_script_runs_on_cpu(tmp_path, sample_dir):
     assert "| native | eager | fp32 | 2 |" in proc.stdout
     # the table is printed after every contender (a run cut short keeps its figures):
     # native's row first alone, last in the full table
-    assert proc.stdout.count("| native | eager | fp32 | 2 |") == 4
+    assert proc.stdout.count("| native | eager | fp32 | 2 |") == 3

@@ -105,7 +105,10 @@ def keras_row(size: int, batch: int, compiled: bool) -> dict:
     row.update(classify(counts))
     if compiled:
         row["graph_breaks"] = sum(counters["graph_break"].values())
-        row["graph_break_reasons"] = sorted(counters["graph_break"])[:20]
+        reasons: Counter = Counter()
+        for reason, n in counters["graph_break"].items():
+            reasons[reason.splitlines()[0]] += n
+        row["graph_break_reasons"] = dict(reasons.most_common())
         row["graphs"] = int(counters["stats"].get("unique_graphs", 0))
     row["top"] = counts.most_common(12)
     return row

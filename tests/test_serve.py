@@ -112,8 +112,10 @@ def images(sample_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(deploy):
-    """The export served on a machine without Keras or any backend (hidden)."""
-    running = Server(["--model", deploy, "--max-upload-mb", "8"])
+    """The export served on a machine without Keras or any backend, nor the JPEG
+    decoders of compressed DICOM files (hidden)."""
+    running = Server(["--model", deploy, "--max-upload-mb", "8"],
+                     hide=(*FRAMEWORKS, "libjpeg", "pylibjpeg", "gdcm"))
     yield running
     running.stop()
 
@@ -205,6 +207,37 @@ def test_bad_input_is_a_clear_4xx(server, images, tmp_path):
         body = response.json()
         assert (response.status_code, body["code"]) == (status, code), body
         assert words in body["error"] and "\n" not in body["error"]
+    # DICOM files that are no single grayscale radiograph, or that cannot be decoded
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    small = np.zeros((8, 8), int)
+    colour = write_dicom(tmp_path / "colour.dcm", small, 8)
+    ds = pydicom.dcmread(colour)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "RGB"
+    ds.save_as(colour)
+    lossless = write_dicom(tmp_path / "lossless.dcm", small, 12)
+    ds = pydicom.dcmread(lossless)
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(60)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(lossless)
+    for path, words in (
+            (write_dicom(tmp_path / "none.dcm", None, 16, pixels=False),
+             "a DICOM file without pixel data"),
+            (write_dicom(tmp_path / "frames.dcm", small, 16, frames=2),
+             "a multi-frame DICOM (2 frames)"),
+            (colour, "a colour DICOM (RGB)"),
+            (lossless, "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)")):
+        response = post(server, path)
+        body = response.json()
+        assert (response.status_code, body["code"]) == (422, "unreadable_image"), body
+        assert words in body["error"] and NAME not in body["error"]
+    # over the limit without a Content-Length (chunked): refused while it streams
+    streamed = server.client.post("/v1/predict", content=(b"x" * 2**20 for _ in range(9)),
+                                  headers={"content-type": "image/png"})
+    assert streamed.status_code == 413 and "limit of 8 MB" in streamed.json()["error"]
     # 50 megapixels and more: refused from the header, before decoding
     big = io.BytesIO()
     Image.new("L", (8000, 6400)).save(big, format="PNG")

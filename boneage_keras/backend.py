@@ -2,7 +2,7 @@
 
 Everything that differs per backend lives here: which devices it computes on, whether
 it has a GPU, which mixed-precision policy fits the hardware, compiled steps, gradients
-(Grad-CAM), no-grad blocks, synchronisation and peak memory (bench), where ONNX comes
+(Grad-CAM), no-grad blocks, fused batch normalization on torch, synchronisation and peak memory (bench), where ONNX comes
 from, and the one private Keras attribute the package touches. TensorFlow is imported
 for input or export only: quietly, and with the GPU hidden from it when the backend is
 torch or JAX, so it never takes GPU memory or a CUDA context from them.
@@ -230,6 +230,40 @@ def onnx_modules() -> list[str]:
     on torch, through tf2onnx elsewhere; onnxruntime checks the file."""
     extra = [] if keras.backend.backend() == "torch" else ["tf2onnx"]
     return ["onnx", "onnxruntime", *extra]
+
+
+def fused_batch_norm(layer: Any, inputs: Any, training: bool | None) -> Any | None:
+    """Keras' ``BatchNormalization`` of a channels-last 4-D input as one fused op per
+    direction on torch (``native_batch_norm`` and its backward; Keras spells it out in
+    about forty elementwise ops and reductions): the same output, gradients and
+    moving-statistics update (Keras' momentum, biased batch variance), in float32 as
+    Keras computes it. None where it does not apply (another backend, another axis or
+    rank, renorm, synchronized): the caller computes it as Keras does.
+    experiments/2026-12-05-step-ops.md counts the ops."""
+    if (keras.backend.backend() != "torch" or len(inputs.shape) != 4
+            or layer.axis not in (-1, 3) or layer.renorm or layer.synchronized):
+        return None
+    import torch
+
+    x = inputs if inputs.dtype == torch.float32 else inputs.float()
+    x = x.permute(0, 3, 1, 2)                 # a view: NCHW shape over NHWC memory
+    gamma = layer.gamma.value if layer.scale else None
+    beta = layer.beta.value if layer.center else None
+    if training and layer.trainable:
+        out, mean, invstd = torch.ops.aten.native_batch_norm(x, gamma, beta, None, None,
+                                                             True, 0.0, layer.epsilon)
+        variance = invstd.detach().pow(-2) - layer.epsilon
+        weight = 1.0 - layer.momentum         # moving * momentum + batch * (1 - momentum)
+        layer.moving_mean.assign(torch.lerp(layer.moving_mean.value, mean.detach(), weight))
+        layer.moving_variance.assign(torch.lerp(layer.moving_variance.value, variance,
+                                                weight))
+    else:
+        out = torch.nn.functional.batch_norm(x, layer.moving_mean.value,
+                                             layer.moving_variance.value, gamma, beta,
+                                             False, 0.0, layer.epsilon)
+    out = out.permute(0, 2, 3, 1)
+    return out if layer.compute_dtype == "float32" else keras.ops.cast(out,
+                                                                       layer.compute_dtype)
 
 
 def sublayers(layer: Any) -> Iterator[Any]:

@@ -125,10 +125,37 @@ class LabelScale(layers.Layer):
         return {**super().get_config(), "mean": self.mean, "std": self.std}
 
 
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class BatchNorm(layers.BatchNormalization):
+    """Keras' ``BatchNormalization`` (same variables, arguments and results), computed
+    on torch by one fused op per direction (:func:`backend.fused_batch_norm`); on JAX
+    and TensorFlow it is Keras' own. The backbones use it in place of Keras' layer."""
+
+    def call(self, inputs, training=None, mask=None):
+        fused = None if mask is not None else backend.fused_batch_norm(self, inputs,
+                                                                         training)
+        return super().call(inputs, training, mask) if fused is None else fused
+
+
+def with_fused_batch_norm(model: keras.Model) -> keras.Model:
+    """``model`` (a functional model, nested ones included) with every Keras
+    ``BatchNormalization`` replaced by :class:`BatchNorm`, weights kept."""
+    def swap(layer):
+        if type(layer) is layers.BatchNormalization:
+            return BatchNorm.from_config(layer.get_config())
+        if isinstance(layer, keras.Model):
+            return with_fused_batch_norm(layer)
+        return layer.__class__.from_config(layer.get_config())
+
+    clone = keras.models.clone_model(model, clone_function=swap)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
     x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
                       name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    x = BatchNorm(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
@@ -187,9 +214,10 @@ def build_backbone(name: str, image_size: int, weights: str | None,
     if weights not in (None, "imagenet"):
         backbone = builder(include_top=False, weights=None, input_shape=shape, pooling="avg")
         _load_weights_file(backbone, weights)
-        return backbone
+        return with_fused_batch_norm(backbone)
     try:
-        return builder(include_top=False, weights=weights, input_shape=shape, pooling="avg")
+        return with_fused_batch_norm(builder(include_top=False, weights=weights,
+                                             input_shape=shape, pooling="avg"))
     except Exception as err:
         if weights != "imagenet":
             raise

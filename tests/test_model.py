@@ -210,3 +210,47 @@ def test_keras_is_imported_lazily_and_still_registers_our_objects(tmp_path):
     lines = run_python(code).split("\n")
     assert lines[0] == "[]"
     assert float(lines[1]) == pytest.approx(90.0, abs=1e-3)
+
+
+def test_fused_batch_norm_matches_keras_and_replaces_it_in_the_backbones():
+    """On torch, BatchNorm's one fused op per direction gives Keras' BatchNormalization's
+    output, input and weight gradients and moving statistics (two training steps, then
+    inference); every batch normalization of both backbones is one."""
+    import torch
+
+    from boneage_keras.model import BatchNorm, build_backbone
+
+    assert keras.backend.backend() == "torch"
+    rng = np.random.default_rng(0)
+    keras_bn, fused = (cls(momentum=0.9, epsilon=1e-3)
+                       for cls in (keras.layers.BatchNormalization, BatchNorm))
+    for layer in (keras_bn, fused):
+        layer.build((4, 6, 6, 16))
+    keras_bn.set_weights([rng.normal(1, 0.2, 16), rng.normal(0, 0.2, 16),
+                          rng.normal(0, 1, 16), rng.uniform(0.5, 2, 16)])
+    fused.set_weights(keras_bn.get_weights())
+    for step in range(2):
+        x = rng.normal(3, 2, (4, 6, 6, 16)).astype("float32")
+        grads = []
+        for layer in (keras_bn, fused):
+            xt = torch.tensor(x, requires_grad=True)
+            y = layer(xt, training=True)
+            (y * torch.linspace(-1, 1, 16)).pow(2).sum().backward()
+            grads.append((y.detach().numpy(), xt.grad.numpy(),
+                          layer.gamma.value.grad.numpy().copy(),
+                          layer.beta.value.grad.numpy().copy()))
+            layer.gamma.value.grad = layer.beta.value.grad = None
+        for ours, theirs in zip(grads[1], grads[0]):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+        for ours, theirs in zip(fused.get_weights(), keras_bn.get_weights()):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    moved = keras_bn.get_weights()[2:]
+    assert np.abs(moved[0]).max() > 0.5        # the moving statistics did move
+    x = rng.normal(3, 2, (4, 6, 6, 16)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fused(x, training=False)),
+                               keras.ops.convert_to_numpy(keras_bn(x, training=False)),
+                               rtol=1e-5, atol=1e-5)
+    for name in ("resnet50", "resnet18"):
+        norms = [layer for layer in build_backbone(name, 32, None).layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+        assert norms and all(type(layer) is BatchNorm for layer in norms), name

@@ -160,8 +160,11 @@ def test_header_fields():
 
 @pytest.fixture(scope="module")
 def sex_model(bulk_dir, tmp_path_factory):
-    """A small model with the sex input, trained briefly on real images."""
+    """A small model with the sex input, trained briefly on real images; its sex
+    branch then set to weigh clearly (one epoch may leave the sex input's effect
+    under the 0.01 months a test can tell apart)."""
     from boneage_keras.config import load_config
+    from boneage_keras.model import load_model
     from boneage_keras.train import train
 
     out = tmp_path_factory.mktemp("sexrun")
@@ -170,7 +173,12 @@ def sex_model(bulk_dir, tmp_path_factory):
         "data.resize=stretch", "model.backbone=resnet18", "model.weights=none",
         "model.use_sex=true", "train.epochs=1", "train.batch_size=32",
         "train.learning_rate=0.003", f"train.output_dir={out}", "train.run_name=sex"])
-    return train(cfg, verbose=0).run_dir / "best.keras"
+    model = load_model(str(train(cfg, verbose=0).run_dir / "best.keras"))
+    sex = model.get_layer("sex_dense")
+    kernel, bias = sex.get_weights()
+    sex.set_weights([np.full_like(kernel, 5.0), np.zeros_like(bias)])
+    model.save(out / "sex.keras")
+    return out / "sex.keras"
 
 
 def test_the_header_feeds_the_model(scans, sex_model, tmp_path):

@@ -2,8 +2,9 @@
 
 Everything that differs per backend lives here: which devices it computes on, whether
 it has a GPU, which mixed-precision policy fits the hardware, compiled steps, gradients
-(Grad-CAM), no-grad blocks, fused batch normalization on torch, synchronisation and peak memory (bench), where ONNX comes
-from, and the one private Keras attribute the package touches. TensorFlow is imported
+(Grad-CAM), no-grad blocks, fused batch normalization on torch, synchronisation and
+peak memory (bench), where ONNX comes from, and the one private Keras attribute the
+package touches. TensorFlow is imported
 for input or export only: quietly, and with the GPU hidden from it when the backend is
 torch or JAX, so it never takes GPU memory or a CUDA context from them.
 """

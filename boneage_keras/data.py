@@ -25,7 +25,7 @@ import pandas as pd
 from .errors import DataError
 from .extras import install_hint
 from .files import may_write, write_csv
-from .patient import SEX_VALUES, parse_sex, sex_or_error  # noqa: F401
+from .patient import parse_sex
 
 log = logging.getLogger(__name__)
 

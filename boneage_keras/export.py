@@ -136,8 +136,9 @@ def _available(wanted_all: bool, formats: list[str]) -> tuple[list[str], dict[st
     if "onnx" in formats or "triton" in formats:
         absent = [m for m in onnx_modules() if importlib.util.find_spec(m) is None]
         if onnx_through_tensorflow() and not has_tf:
-            missing["onnx"] = ("ONNX (and Triton's repository) from the JAX backend is written through TensorFlow "
-                               "(tf2onnx), which is not installed here: "
+            missing["onnx"] = ("ONNX (and Triton's repository) from the JAX backend is "
+                               "written through TensorFlow (tf2onnx), which is not "
+                               "installed here: "
                                f"{install_hint('tensorflow', 'tf2onnx')}, or export with "
                                "KERAS_BACKEND=torch")
         elif absent:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from . import console
 from .calibration import apply_calibration
-from .data import IMAGE_SUFFIXES, DataError, sex_or_error
+from .data import IMAGE_SUFFIXES, DataError
 from .errors import BoneAgeError
 from .exported import (  # noqa: F401  (part of this module's interface)
     SHIFT,
@@ -49,7 +49,7 @@ from .files import check_output_file, write_csv
 from .images import ImageError, load_image
 from .inputs import IMAGE, SEX, model_inputs
 from .model import load_model, preprocessing_of
-from .patient import sex_with_header
+from .patient import sex_or_error, sex_with_header
 
 log = logging.getLogger(__name__)
 Z90 = 1.6448536269514722   # two-sided 90% normal quantile

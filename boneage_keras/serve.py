@@ -10,6 +10,7 @@ training framework, so ``pip install "boneage-keras[serve]"`` is enough to serve
     GET  /healthz /readyz     alive / loaded and warmed up (also /v2/health/live|ready)
     GET  /metrics             Prometheus text
     GET  /                    the web page (static files of this package, no CDN)
+    GET  /docs                interactive API documentation (read from /openapi.json)
 
 Uploads are decoded in memory in a thread pool (never written to disk); a
 micro-batcher gathers up to ``max_batch`` images or waits ``max_wait_ms`` and runs one
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,7 @@ class ImageRequest:
     explain: str | None = None
 
 
-FIELDS = ("sex", "chronological_age_months", "id", "tta", "sex_override", "return_image",
-          "explain")
+FIELDS = tuple(f.name for f in fields(ImageRequest) if f.name not in ("data", "name"))
 
 
 def _flag(value: str | None) -> bool:
@@ -406,9 +406,9 @@ class Predictor:
         if explain and request.explain != "gradcam":
             raise ServeError(422, "bad_explain", f"explain {request.explain!r}: give none "
                              "or gradcam.")
-        if explain and self.gradcam_unavailable():
-            raise ServeError(501, "explain_unavailable",
-                             f"explain=gradcam: {self.gradcam_unavailable()}.")
+        unavailable = self.gradcam_unavailable() if explain else None
+        if unavailable:
+            raise ServeError(501, "explain_unavailable", f"explain=gradcam: {unavailable}.")
         tta = self._tta(request.tta)
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(self.decoders, self.decode, request, tta)

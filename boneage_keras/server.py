@@ -111,7 +111,7 @@ def read_token(token_file: str | Path | None, host: str) -> str | None:
     return token
 
 
-async def read_body(request: Any, limit: int, stall_s: float = 30.0) -> bytes:
+async def read_body(request: Any, limit: int, stall_s: float) -> bytes:
     """The request body, refused (413) over ``limit`` bytes: from Content-Length before
     reading, else while it streams; a client silent for ``stall_s`` is dropped (408)."""
     length = request.headers.get("content-length")
@@ -196,7 +196,7 @@ def _text(value: bytes) -> str:
 
 
 async def image_requests(request: Any, limit: int, batch: bool,
-                         stall_s: float = 30.0) -> list[ImageRequest]:
+                         stall_s: float) -> list[ImageRequest]:
     """The images of a request and their fields: multipart (``file`` parts and form
     fields, once for all or once per file, in order) or one raw image with the fields
     as query parameters."""

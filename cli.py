@@ -8,6 +8,7 @@ The Keras backend comes from KERAS_BACKEND (torch or tensorflow), e.g.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -38,7 +39,11 @@ class FriendlyGroup(click.Group):
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)
-            sys.exit(2)
+        # The error's traceback is dropped here; collect what the failed command held
+        # (a tf.data iterator of an interrupted fit) while Python is whole: freed in the
+        # interpreter's shut-down instead, such an iterator can hang the exit.
+        gc.collect()
+        sys.exit(2)
 
 
 @click.group(cls=FriendlyGroup)

@@ -12,7 +12,9 @@ torch or JAX, so it never takes GPU memory or a CUDA context from them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import platform
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -233,6 +235,21 @@ def onnx_modules() -> list[str]:
     return ["onnx", "onnxruntime", *extra]
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the calling code."""
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, device: Any) -> Any:
+    """A 0-d float32 tensor of ``value`` on ``device``, made once."""
+    import torch
+
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
 def fused_batch_norm(layer: Any, inputs: Any, training: bool | None) -> Any | None:
     """Keras' ``BatchNormalization`` of a channels-last 4-D input as one fused op per
     direction on torch (``native_batch_norm`` and its backward; Keras spells it out in
@@ -253,11 +270,13 @@ def fused_batch_norm(layer: Any, inputs: Any, training: bool | None) -> Any | No
     if training and layer.trainable:
         out, mean, invstd = torch.ops.aten.native_batch_norm(x, gamma, beta, None, None,
                                                              True, 0.0, layer.epsilon)
-        variance = invstd.detach().pow(-2) - layer.epsilon
         weight = 1.0 - layer.momentum         # moving * momentum + batch * (1 - momentum)
-        layer.moving_mean.assign(torch.lerp(layer.moving_mean.value, mean.detach(), weight))
-        layer.moving_variance.assign(torch.lerp(layer.moving_variance.value, variance,
-                                                weight))
+        with torch.no_grad():                 # in place: no new tensor, no copy
+            layer.moving_mean.value.lerp_(mean, weight)
+            # 1 / invstd^2 is the batch variance plus epsilon; the scalar comes off as a
+            # 0-d tensor (a Python number costs a conversion and a copy per call)
+            layer.moving_variance.value.lerp_(torch.reciprocal(invstd * invstd), weight)
+            layer.moving_variance.value.sub_(_scalar(weight * layer.epsilon, invstd.device))
     else:
         out = torch.nn.functional.batch_norm(x, layer.moving_mean.value,
                                              layer.moving_variance.value, gamma, beta,
@@ -265,6 +284,99 @@ def fused_batch_norm(layer: Any, inputs: Any, training: bool | None) -> Any | No
     out = out.permute(0, 2, 3, 1)
     return out if layer.compute_dtype == "float32" else keras.ops.cast(out,
                                                                        layer.compute_dtype)
+
+
+def channels_last_conv2d(layer: Any, inputs: Any) -> Any | None:
+    """Keras' ``Conv2D`` of a channels-last input on torch without its layout copies.
+
+    Keras' torch convolution copies the NHWC input into NCHW memory and back into
+    channels-last memory before every convolution (and again for its gradient). An
+    NHWC tensor seen as NCHW (``permute``, a view) already is a channels-last tensor,
+    which torch's convolutions take as it is and answer in kind, so the output viewed
+    back as NHWC is Keras' result without a copy. None where it does not apply
+    (another backend or layout, groups, a non-float32 compute, inside torch.compile,
+    which lays out memory itself): the caller computes it as Keras does. experiments/2026-12-05-step-ops.md counts the ops."""
+    if (keras.backend.backend() != "torch" or len(inputs.shape) != 4
+            or layer.data_format != "channels_last" or layer.groups != 1
+            or _compiling()
+            or layer.compute_dtype != "float32" or inputs.dtype != layer.kernel.value.dtype):
+        return None
+    import torch
+    import torch.nn.functional as F
+
+    x = inputs.permute(0, 3, 1, 2)               # a view: NCHW shape over NHWC memory
+    kernel = layer.kernel.value.permute(3, 2, 0, 1)
+    padding: Any = 0
+    if layer.padding == "same":
+        pads = []
+        for size, k, stride, dilation in zip(x.shape[2:], layer.kernel_size,
+                                             layer.strides, layer.dilation_rate):
+            span = (k - 1) * dilation + 1
+            total = max(span - (stride if size % stride == 0 else size % stride), 0)
+            pads.append((total // 2, total - total // 2))
+        if all(a == b for a, b in pads):
+            padding = [a for a, _ in pads]
+        else:                                    # TensorFlow's: the extra row at the end
+            x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
+    bias = layer.bias.value if layer.use_bias else None
+    out = F.conv2d(x, kernel, bias, tuple(layer.strides), padding,
+                   tuple(layer.dilation_rate))
+    out = out.permute(0, 2, 3, 1)
+    return layer.activation(out) if layer.activation is not None else out
+
+
+def fuse_adam(optimizer: Any) -> Any:
+    """On torch, let Keras' Adam (or AdamW) update every variable in one fused op.
+
+    Keras' torch Adam updates with ``torch._foreach_*`` ops, which on a CPU fall back to
+    one op per variable (and a conversion of the 0-d learning-rate tensor each), about
+    1,300 ops a ResNet50 step; PyTorch's fused Adam (``torch._fused_adam_``, a CPU and
+    a GPU kernel) does the step in one, with Keras' arithmetic: PyTorch adds epsilon
+    after the bias correction, Keras before it, so each step passes Keras' epsilon
+    scaled by that step's correction (the step count is read from the device once,
+    then counted here). Keras' update is kept elsewhere: other backends, AMSGrad,
+    gradient accumulation, variables not all float32, and inside torch.compile (which
+    fuses the foreach ops itself).
+
+    Keras has no public hook for the update: this replaces the optimizer's
+    ``_parallel_update_step`` (Keras 3.15's torch Adam; ``tests/test_backend.py``
+    fails when Keras stops calling it). experiments/2026-12-05-step-ops.md counts it.
+    """
+    if (keras.backend.backend() != "torch"
+            or not isinstance(optimizer, keras.optimizers.Adam) or optimizer.amsgrad
+            or optimizer.gradient_accumulation_steps
+            or not hasattr(optimizer, "_parallel_update_step")):
+        return optimizer
+    import torch
+
+    keras_update = optimizer._parallel_update_step
+    count: list[int] = []        # the step this update makes, once read
+
+    def update(grads, variables, learning_rate):
+        values = [v.value for v in variables]
+        if _compiling() or any(
+                v.dtype != torch.float32 or g.dtype != torch.float32
+                for v, g in zip(values, grads)):
+            count.clear()
+            return keras_update(grads, variables, learning_rate)
+        if not count:
+            count.append(int(optimizer.iterations.value))
+        count[0] += 1
+        beta_1, beta_2 = float(optimizer.beta_1), float(optimizer.beta_2)
+        eps = float(optimizer.epsilon) / math.sqrt(1.0 - beta_2 ** count[0])
+        index = optimizer._get_variable_index
+        step = (optimizer.iterations.value + 1).to(torch.float32)
+        lr = torch.as_tensor(getattr(learning_rate, "value", learning_rate),
+                             dtype=torch.float32, device=values[0].device)
+        torch._fused_adam_(
+            values, list(grads),
+            [optimizer._momentums[index(v)].value for v in variables],
+            [optimizer._velocities[index(v)].value for v in variables],
+            [], [step] * len(values), lr=lr, beta1=beta_1, beta2=beta_2,
+            weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+
+    optimizer._parallel_update_step = update
+    return optimizer
 
 
 def sublayers(layer: Any) -> Iterator[Any]:

@@ -137,14 +137,29 @@ class BatchNorm(layers.BatchNormalization):
         return super().call(inputs, training, mask) if fused is None else fused
 
 
-def with_fused_batch_norm(model: keras.Model) -> keras.Model:
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class Conv(layers.Conv2D):
+    """Keras' ``Conv2D`` (same variables, arguments and results), computed on torch
+    without the layout copies around the convolution
+    (:func:`backend.channels_last_conv2d`); on JAX and TensorFlow it is Keras' own. The
+    backbones use it in place of Keras' layer."""
+
+    def call(self, inputs):
+        fast = backend.channels_last_conv2d(self, inputs)
+        return super().call(inputs) if fast is None else fast
+
+
+def with_fused_layers(model: keras.Model) -> keras.Model:
     """``model`` (a functional model, nested ones included) with every Keras
-    ``BatchNormalization`` replaced by :class:`BatchNorm`, weights kept."""
+    ``BatchNormalization`` replaced by :class:`BatchNorm` and every ``Conv2D`` by
+    :class:`Conv`, weights kept."""
     def swap(layer):
         if type(layer) is layers.BatchNormalization:
             return BatchNorm.from_config(layer.get_config())
+        if type(layer) is layers.Conv2D:
+            return Conv.from_config(layer.get_config())
         if isinstance(layer, keras.Model):
-            return with_fused_batch_norm(layer)
+            return with_fused_layers(layer)
         return layer.__class__.from_config(layer.get_config())
 
     clone = keras.models.clone_model(model, clone_function=swap)
@@ -153,8 +168,8 @@ def with_fused_batch_norm(model: keras.Model) -> keras.Model:
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
-    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
-                      name=f"{name}_conv")(x)
+    x = Conv(filters, kernel, strides=stride, padding="same", use_bias=False,
+             name=f"{name}_conv")(x)
     x = BatchNorm(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
@@ -214,9 +229,9 @@ def build_backbone(name: str, image_size: int, weights: str | None,
     if weights not in (None, "imagenet"):
         backbone = builder(include_top=False, weights=None, input_shape=shape, pooling="avg")
         _load_weights_file(backbone, weights)
-        return with_fused_batch_norm(backbone)
+        return with_fused_layers(backbone)
     try:
-        return with_fused_batch_norm(builder(include_top=False, weights=weights,
+        return with_fused_layers(builder(include_top=False, weights=weights,
                                              input_shape=shape, pooling="avg"))
     except Exception as err:
         if weights != "imagenet":

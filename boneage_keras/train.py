@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from .backend import devices, jit_setting, mixed_precision_policy
+from .backend import devices, fuse_adam, jit_setting, mixed_precision_policy
 from .cache import reader_for
 from .callbacks import (
     MONITOR,
@@ -124,10 +124,10 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
     decay = t.weight_decay or None
     lr = effective_learning_rate(cfg)
     if t.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
+        return fuse_adam(keras.optimizers.AdamW(lr, weight_decay=t.weight_decay))
     if t.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=decay)
-    return keras.optimizers.Adam(lr, weight_decay=decay)
+    return fuse_adam(keras.optimizers.Adam(lr, weight_decay=decay))
 
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:

@@ -6,6 +6,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 from conftest import REPO, backend_env
 
 from boneage_keras.backend import jit_setting, sublayers, value_and_gradient
@@ -73,3 +74,43 @@ def test_tensorflow_backend_starts_quietly_unless_verbose():
                           env={**env, "BONEAGE_VERBOSE": "1"}, capture_output=True,
                           text=True, timeout=300, check=False)
     assert loud.returncode == 0 and loud.stderr.strip() != ""
+
+
+def _adam_trajectory(optimizer_class, fused, start_step=0, **options):
+    import torch
+
+    from boneage_keras.backend import fuse_adam
+
+    variable = keras.Variable(np.array([1.0, -2.0, 3.0, 0.5], "float32"))
+    optimizer = optimizer_class(keras.optimizers.schedules.CosineDecay(0.1, 10),
+                                **options)
+    if fused:
+        fuse_adam(optimizer)
+    optimizer.build([variable])
+    optimizer.iterations.assign(start_step)          # as a resumed run's optimizer
+    steps = []
+    for grad in ([0.5, -0.1, 1e-3, 1e-6], [0.2, 0.3, -1e-3, 2e-6], [0.1, 0.1, 0.1, 0.0]):
+        optimizer.apply([torch.tensor(grad)], [variable])
+        steps.append(keras.ops.convert_to_numpy(variable).copy())
+    return np.array(steps), optimizer
+
+
+@pytest.mark.parametrize("optimizer_class, options, start_step", [
+    (keras.optimizers.Adam, {}, 0),
+    (keras.optimizers.Adam, {}, 40),
+    (keras.optimizers.AdamW, {"weight_decay": 0.05}, 0),
+])
+def test_fused_adam_follows_keras_adam(optimizer_class, options, start_step):
+    """Keras' arithmetic (epsilon before the bias correction, gradients near epsilon
+    included), in PyTorch's one fused op: the op a training step dispatches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    assert keras.backend.backend() == "torch"
+    theirs, _ = _adam_trajectory(optimizer_class, False, start_step, **options)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours, optimizer = _adam_trajectory(optimizer_class, True, start_step, **options)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert int(optimizer.iterations.value) == start_step + 3
+    ops = {e.key: e.count for e in prof.key_averages()}
+    # fails when Keras no longer updates through _parallel_update_step
+    assert ops.get("aten::_fused_adam_") == 3 and "aten::_foreach_add_" not in ops, ops

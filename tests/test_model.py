@@ -254,3 +254,52 @@ def test_fused_batch_norm_matches_keras_and_replaces_it_in_the_backbones():
         norms = [layer for layer in build_backbone(name, 32, None).layers
                  if isinstance(layer, keras.layers.BatchNormalization)]
         assert norms and all(type(layer) is BatchNorm for layer in norms), name
+
+
+@pytest.mark.parametrize("options, shape", [
+    ({"kernel_size": 3, "padding": "same"}, (2, 9, 9, 5)),
+    ({"kernel_size": 3, "strides": 2, "padding": "same"}, (2, 10, 10, 5)),   # pads 0, 1
+    ({"kernel_size": 7, "strides": 2, "padding": "same"}, (2, 11, 11, 5)),
+    ({"kernel_size": 1, "strides": 2, "use_bias": True, "activation": "relu"},
+     (2, 10, 10, 5)),
+    ({"kernel_size": 3, "dilation_rate": 2}, (2, 12, 12, 5)),
+])
+def test_conv_matches_keras_conv2d_without_layout_copies(options, shape):
+    """On torch, Conv gives Keras' Conv2D's output, input and kernel gradients, with
+    none of the layout copies Keras' convolution makes of its input (the one left is
+    torch's of the kernel)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from boneage_keras.model import Conv
+
+    assert keras.backend.backend() == "torch"
+    rng = np.random.default_rng(0)
+    theirs, ours = keras.layers.Conv2D(8, **options), Conv(8, **options)
+    for layer in (theirs, ours):
+        layer.build(shape)
+    ours.set_weights([rng.normal(size=w.shape).astype("float32")
+                      for w in theirs.get_weights()])
+    theirs.set_weights(ours.get_weights())
+    x = rng.normal(size=shape).astype("float32")
+    results, copies = [], []
+    for layer in (theirs, ours):
+        xt = torch.tensor(x, requires_grad=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = layer(xt)
+        copies.append(sum(e.count for e in prof.key_averages() if e.key == "aten::clone"))
+        (y * torch.linspace(-1, 1, 8)).pow(2).sum().backward()
+        results.append((y.detach().numpy(), xt.grad.numpy(),
+                        layer.kernel.value.grad.numpy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert copies[1] <= 1 and copies[1] < copies[0], copies
+
+
+def test_the_backbones_convolve_with_conv():
+    from boneage_keras.model import Conv, build_backbone
+
+    for name in ("resnet50", "resnet18"):
+        convs = [layer for layer in build_backbone(name, 32, None).layers
+                 if isinstance(layer, keras.layers.Conv2D)]
+        assert convs and all(type(layer) is Conv for layer in convs), name

@@ -286,6 +286,16 @@ def fused_batch_norm(layer: Any, inputs: Any, training: bool | None) -> Any | No
                                                                        layer.compute_dtype)
 
 
+def _same_padding(sizes, kernel_size, strides, dilation_rate=(1, 1)) -> list[tuple]:
+    """TensorFlow's "same" padding (before, after) per spatial axis."""
+    pads = []
+    for size, k, stride, dilation in zip(sizes, kernel_size, strides, dilation_rate):
+        span = (k - 1) * dilation + 1
+        total = max(span - (stride if size % stride == 0 else size % stride), 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
 def channels_last_conv2d(layer: Any, inputs: Any) -> Any | None:
     """Keras' ``Conv2D`` of a channels-last input on torch without its layout copies.
 
@@ -305,15 +315,14 @@ def channels_last_conv2d(layer: Any, inputs: Any) -> Any | None:
     import torch.nn.functional as F
 
     x = inputs.permute(0, 3, 1, 2)               # a view: NCHW shape over NHWC memory
-    kernel = layer.kernel.value.permute(3, 2, 0, 1)
+    # HWIO -> OIHW in channels-last memory (OHWI): one 2-D transpose, as torch wants it
+    h, w, cin, cout = layer.kernel.shape
+    kernel = (layer.kernel.value.view(h * w * cin, cout).mT.contiguous()
+              .view(cout, h, w, cin).permute(0, 3, 1, 2))
     padding: Any = 0
     if layer.padding == "same":
-        pads = []
-        for size, k, stride, dilation in zip(x.shape[2:], layer.kernel_size,
-                                             layer.strides, layer.dilation_rate):
-            span = (k - 1) * dilation + 1
-            total = max(span - (stride if size % stride == 0 else size % stride), 0)
-            pads.append((total // 2, total - total // 2))
+        pads = _same_padding(x.shape[2:], layer.kernel_size, layer.strides,
+                             layer.dilation_rate)
         if all(a == b for a, b in pads):
             padding = [a for a, _ in pads]
         else:                                    # TensorFlow's: the extra row at the end
@@ -323,6 +332,37 @@ def channels_last_conv2d(layer: Any, inputs: Any) -> Any | None:
                    tuple(layer.dilation_rate))
     out = out.permute(0, 2, 3, 1)
     return layer.activation(out) if layer.activation is not None else out
+
+
+def channels_last_max_pool2d(layer: Any, inputs: Any) -> Any | None:
+    """Keras' ``MaxPooling2D`` of a channels-last input on torch, in channels-last
+    memory. Keras' torch pooling copies its input into NCHW memory and answers in it,
+    so every layer after the stem's max-pool would run in NCHW memory, and each
+    convolution re-lays out its kernel (about a third of a ResNet50 CPU step's time).
+    None where it does not apply (another backend or layout, inside torch.compile, a
+    "same" padding torch's ``ceil_mode`` cannot express): the caller computes it as
+    Keras does."""
+    if (keras.backend.backend() != "torch" or len(inputs.shape) != 4
+            or layer.data_format != "channels_last" or _compiling()):
+        return None
+    import torch.nn.functional as F
+
+    x = inputs.permute(0, 3, 1, 2)               # a view: NCHW shape over NHWC memory
+    padding, ceil_mode = [0, 0], False
+    if layer.padding == "same":
+        pads = _same_padding(x.shape[2:], layer.pool_size, layer.strides)
+        padding = [a for a, _ in pads]
+        # the extra row at the end: a window torch's ceil_mode lets hang over the edge
+        ceil_mode = any(b != a for a, b in pads)
+        for size, k, stride, (a, b) in zip(x.shape[2:], layer.pool_size, layer.strides,
+                                           pads):
+            torch_size = math.ceil((size + 2 * a - k) / stride) + 1 if ceil_mode \
+                else (size + 2 * a - k) // stride + 1
+            if b - a not in (0, 1) or 2 * a > k or torch_size != -(-size // stride):
+                return None
+    out = F.max_pool2d(x, tuple(layer.pool_size), tuple(layer.strides), padding,
+                       ceil_mode=ceil_mode)
+    return out.permute(0, 2, 3, 1)
 
 
 def fuse_adam(optimizer: Any) -> Any:

@@ -149,15 +149,28 @@ class Conv(layers.Conv2D):
         return super().call(inputs) if fast is None else fast
 
 
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class MaxPool(layers.MaxPooling2D):
+    """Keras' ``MaxPooling2D`` (same arguments and results), computed on torch in
+    channels-last memory (:func:`backend.channels_last_max_pool2d`); on JAX and
+    TensorFlow it is Keras' own."""
+
+    def call(self, inputs):
+        fast = backend.channels_last_max_pool2d(self, inputs)
+        return super().call(inputs) if fast is None else fast
+
+
 def with_fused_layers(model: keras.Model) -> keras.Model:
     """``model`` (a functional model, nested ones included) with every Keras
-    ``BatchNormalization`` replaced by :class:`BatchNorm` and every ``Conv2D`` by
-    :class:`Conv`, weights kept."""
+    ``BatchNormalization`` replaced by :class:`BatchNorm`, every ``Conv2D`` by
+    :class:`Conv` and every ``MaxPooling2D`` by :class:`MaxPool`, weights kept."""
     def swap(layer):
         if type(layer) is layers.BatchNormalization:
             return BatchNorm.from_config(layer.get_config())
         if type(layer) is layers.Conv2D:
             return Conv.from_config(layer.get_config())
+        if type(layer) is layers.MaxPooling2D:
+            return MaxPool.from_config(layer.get_config())
         if isinstance(layer, keras.Model):
             return with_fused_layers(layer)
         return layer.__class__.from_config(layer.get_config())
@@ -192,7 +205,7 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     inputs = keras.Input(input_shape)
     x = _conv_bn(inputs, channels(64), 7, 2, "stem")
     if stem_pool:
-        x = layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+        x = MaxPool(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, filters in enumerate(map(channels, (64, 128, 256, 512)), start=1):
         for block in range(2):
             stride = 2 if stage > 1 and block == 0 else 1

@@ -296,10 +296,39 @@ def test_conv_matches_keras_conv2d_without_layout_copies(options, shape):
     assert copies[1] <= 1 and copies[1] < copies[0], copies
 
 
-def test_the_backbones_convolve_with_conv():
-    from boneage_keras.model import Conv, build_backbone
+def test_the_backbones_convolve_and_pool_with_ours():
+    from boneage_keras.model import Conv, MaxPool, build_backbone
 
     for name in ("resnet50", "resnet18"):
-        convs = [layer for layer in build_backbone(name, 32, None).layers
-                 if isinstance(layer, keras.layers.Conv2D)]
-        assert convs and all(type(layer) is Conv for layer in convs), name
+        backbone = build_backbone(name, 32, None).layers
+        for keras_class, ours in ((keras.layers.Conv2D, Conv),
+                                  (keras.layers.MaxPooling2D, MaxPool)):
+            found = [layer for layer in backbone if isinstance(layer, keras_class)]
+            assert found and all(type(layer) is ours for layer in found), name
+
+
+@pytest.mark.parametrize("options, shape", [
+    ({"pool_size": 3, "strides": 2}, (2, 11, 11, 4)),
+    ({"pool_size": 3, "strides": 2, "padding": "same"}, (2, 12, 12, 4)),    # pads 0, 1
+    ({"pool_size": 3, "strides": 1, "padding": "same"}, (2, 7, 7, 4)),
+    ({"pool_size": 2, "strides": 2, "padding": "same"}, (2, 9, 9, 4)),
+])
+def test_max_pool_matches_keras_and_keeps_channels_last_memory(options, shape):
+    """On torch, MaxPool gives Keras' MaxPooling2D's output and input gradient, and its
+    output stays NHWC in memory (Keras' answers in NCHW memory, which every layer after
+    it would inherit)."""
+    import torch
+
+    from boneage_keras.model import MaxPool
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype("float32")
+    results = []
+    for layer in (keras.layers.MaxPooling2D(**options), MaxPool(**options)):
+        xt = torch.tensor(x, requires_grad=True)
+        y = layer(xt)
+        (y * torch.linspace(-1, 1, shape[-1])).pow(2).sum().backward()
+        results.append((y.detach().numpy(), xt.grad.numpy(), y.is_contiguous()))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-6)
+    assert results[1][2], "MaxPool's output is not NHWC in memory"

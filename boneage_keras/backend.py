@@ -317,7 +317,7 @@ def channels_last_conv2d(layer: Any, inputs: Any) -> Any | None:
     x = inputs.permute(0, 3, 1, 2)               # a view: NCHW shape over NHWC memory
     # HWIO -> OIHW in channels-last memory (OHWI): one 2-D transpose, as torch wants it
     h, w, cin, cout = layer.kernel.shape
-    kernel = (layer.kernel.value.view(h * w * cin, cout).mT.contiguous()
+    kernel = (layer.kernel.value.view(h * w * cin, cout).t().contiguous()
               .view(cout, h, w, cin).permute(0, 3, 1, 2))
     padding: Any = 0
     if layer.padding == "same":

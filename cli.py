@@ -113,9 +113,10 @@ def _tta_option(f):
                    "repeat for an ensemble.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Labelled data (required with --model; default for RUN_DIR: its own).")
-@click.option("--split", type=click.Choice(["auto", "val", "test", "all"]), default=None,
-              help="Which images: RUN_DIR default auto (test if the run has one, else "
-                   "val); --model default all.")
+@click.option("--split", type=click.Choice(["auto", "val", "test", "selection", "all"]),
+              default=None,
+              help="Which images: RUN_DIR default auto (its selection split if it has "
+                   "one, else test, else val); --model default all.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: RUN_DIR, or ./evaluation with --model).")
 @click.option("--tolerance", type=click.FloatRange(0, min_open=True), default=None,

@@ -9,8 +9,9 @@ held-out images, and compare them side by side.
 A variant is ``CONFIG`` (a file or packaged recipe; named after it) or
 ``NAME=CONFIG[,KEY=VALUE...]`` with its own overrides on top of the shared ones. Every
 variant trains on the first variant's split (so their held-out images are the same);
-all are evaluated on its test split, or on validation (said to be optimistic) when it
-has none. Running the same command again continues: finished runs and evaluations are
+all are evaluated on its selection split (1,000 images set aside before training), or
+with ``data.selection_size=0`` on its test split, or on validation (said to be
+optimistic) when it has neither. Running the same command again continues: finished runs and evaluations are
 reused, a half-trained run is resumed. Writes ``benchmark.json`` and ``report.html``
 (the table, the comparisons and the learning curves overlaid).
 """
@@ -29,13 +30,15 @@ import pandas as pd
 
 from .compare import compare_predictions
 from .config import ConfigError, load_config, parse_override
-from .evaluate import evaluate_run
+from .evaluate import SPLIT_NOTES, evaluate_run, held_out_split
 from .files import check_output_dir, write_json
 from .rundir import read_state, run_complete
 from .train import resume, train
 
 log = logging.getLogger(__name__)
 DEFAULT_VARIANTS = ("image=cpu-bench,model.use_sex=false", "image+sex=cpu-bench")
+# the selection split every variant is scored on, unless --set data.selection_size=...
+SELECTION_IMAGES = 1000
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -97,8 +100,14 @@ def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str
                   tta: int = 1, mc_samples: int = 0, resamples: int = 1000,
                   verbose: Any = 2) -> dict[str, Any]:
     """Train (or reuse) every variant, evaluate all on the same held-out split, compare
-    each with the first; writes benchmark.json and report.html into ``out_dir``."""
+    each with the first; writes benchmark.json and report.html into ``out_dir``.
+
+    The held-out split is a selection split of ``SELECTION_IMAGES`` images (stratified
+    by age and sex, the same for every recipe and seed; ``data.selection_size`` in
+    ``overrides`` changes it, 0 scores on the test split, else on validation), so that
+    a test split stays untouched by the comparison."""
     out_dir = check_output_dir(out_dir, "--out")
+    overrides = [f"data.selection_size={SELECTION_IMAGES}", *overrides]
     parsed = [parse_variant(v) for v in (variants or DEFAULT_VARIANTS)]
     names = [name for name, _, _ in parsed]
     if len(set(names)) != len(names):
@@ -141,13 +150,12 @@ def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str
         comparisons.append({"a": names[0], "b": name, **result["overall"],
                             "by_age_group": result["by_age_group"]})
     split = shared_split["split"] if shared_split is not None else pd.Series(dtype=str)
-    held_out = "test" if (split == "test").any() else "val"
+    held_out = held_out_split(split)
     train_ages = shared_split.loc[split == "train", "boneage"]
     held = shared_split.loc[split == held_out, "boneage"].to_numpy()
     summary = {"variants": [{"name": n, "config": c, "overrides": e} for n, c, e in parsed],
                "shared_overrides": overrides, "held_out_split": held_out,
-               "held_out_note": None if held_out == "test" else
-               "validation split, used for model selection: optimistic",
+               "held_out_note": SPLIT_NOTES[held_out],
                "n_held_out": len(held),
                "mean_baseline_mae": float(np.mean(np.abs(held - train_ages.mean()))),
                "tta_views": tta, "mc_samples": mc_samples, "rows": rows,

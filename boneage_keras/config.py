@@ -45,6 +45,9 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.0
     max_images: int | None = None  # use a seeded random subset (quick experiments)
+    # images set aside first as the "selection" split (stratified by age and sex, from a
+    # fixed seed, whatever train.seed is): only compares finished recipes; 0: none
+    selection_size: int = 0
     strict: bool = False  # unreadable images are errors instead of skipped
     max_unreadable: int = 10  # images that fail to decode mid-run: skipped up to this
     age_range: list[float] = field(default_factory=lambda: [0.0, 240.0])  # months kept
@@ -261,6 +264,8 @@ def _validate(cfg: Config) -> None:
     )
     check(d.max_images is None or d.max_images >= 10, "data.max_images", d.max_images,
           "null or an integer >= 10")
+    check(d.selection_size >= 0, "data.selection_size", d.selection_size,
+          "an integer >= 0 (0: no selection split)")
     check(d.workers >= 1, "data.workers", d.workers, "an integer >= 1")
     check(d.max_unreadable >= 0, "data.max_unreadable", d.max_unreadable, "an integer >= 0")
     check(len(d.age_range) == 2 and all(map(finite, d.age_range))

@@ -338,6 +338,28 @@ def split_table(df: pd.DataFrame, method: str = "random", val_fraction: float = 
     return df.assign(split=split)
 
 
+SELECTION_SEED = 1000   # fixed: every recipe and seed is compared on the same images
+
+
+def set_selection(df: pd.DataFrame, size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the selection split, the rest): ``size`` images stratified by bone-age decile
+    and sex, drawn with ``SELECTION_SEED`` from the whole table, so every recipe, seed
+    and ``data.max_images`` of the same data is compared on the same images."""
+    from sklearn.model_selection import train_test_split
+
+    if size * 2 > len(df):
+        raise DataError(f"config key 'data.selection_size': {size} of {len(df)} usable "
+                        "images would leave fewer for training than for selection; "
+                        "lower it (or 0 for no selection split).")
+    strata = age_bins(df["boneage"].to_numpy()) * 2 + df["male"].astype(int).to_numpy()
+    counts = np.bincount(strata)
+    strat = strata if counts[counts > 0].min() >= 2 else None
+    rest, chosen = train_test_split(np.arange(len(df)), test_size=size,
+                                    random_state=SELECTION_SEED, stratify=strat)
+    selection = df.iloc[np.sort(chosen)].assign(split="selection")
+    return selection, df.iloc[np.sort(rest)].reset_index(drop=True)
+
+
 def subsample(df: pd.DataFrame, max_images: int | None, seed: int) -> pd.DataFrame:
     """A seeded random subset of at most ``max_images`` rows (all rows if None)."""
     if max_images is None or max_images >= len(df):

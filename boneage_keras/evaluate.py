@@ -57,6 +57,9 @@ SPLIT_NOTES = {
            "checkpoint and stopped training); give the run a test split "
            "(data.test_fraction) for an unbiased figure",
     "test": "test split: held out from training and model selection",
+    "selection": "selection split: held out from training and checkpoint choice, "
+                 "for comparing finished recipes (the test split, if any, stays "
+                 "untouched)",
 }
 FIGURES = ("scatter.png", "age_groups.png", "error_histogram.png", "bland_altman.png",
            "examples.png")
@@ -209,10 +212,21 @@ def evaluate_table(model: Any, table: pd.DataFrame, out_dir: Path,
     return EvaluationResult(out_dir, metrics, preds, files)
 
 
+def held_out_split(splits: pd.Series) -> str:
+    """The split that scores a run: selection (for comparing recipes; the test split
+    stays untouched), else test, else validation (optimistic: it chose the
+    checkpoint)."""
+    present = set(splits)
+    for name in ("selection", "test"):
+        if name in present:
+            return name
+    return "val"
+
+
 def _split_rows(split_csv: Path, split: str) -> pd.DataFrame:
     rows = pd.read_csv(split_csv, dtype={"id": str})
     if split == "auto":
-        split = "test" if (rows["split"] == "test").any() else "val"
+        split = held_out_split(rows["split"])
     if split != "all":
         rows = rows[rows["split"] == split]
     if rows.empty:
@@ -271,10 +285,10 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     cached_data = (data_dir or cfg.data.data_dir) if cfg.data.use_cache else None
     calibration = None
     if recalibrate:
-        if evaluated != {"test"}:
+        if evaluated not in ({"test"}, {"selection"}):
             raise DataError("--recalibrate fits on the validation split and scores on the "
-                            f"test split; {first} has no test split to score it on (train "
-                            "with data.test_fraction > 0).")
+                            f"selection or test split; {first} has neither to score it on "
+                            "(train with data.selection_size or data.test_fraction > 0).")
         val = _attach_paths(_split_rows(first / "split.csv", "val"),
                             data_dir or cfg.data.data_dir)
         members = models if len(models) > 1 else models[0]
@@ -285,15 +299,16 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
         calibration = fit_calibration(val["boneage"].to_numpy(), fit.predicted, fit.std)
         calibration.update(tta=tta, mc_samples=mc_samples, members=len(models))
         write_json(first / "calibration.json", calibration)
-        summary["recalibration"] = "fitted on the validation split, scored on test"
+        summary["recalibration"] = ("fitted on the validation split, scored on "
+                                    f"{next(iter(evaluated))}")
     return evaluate_table(models if len(models) > 1 else models[0], table,
                           Path(out_dir) if out_dir else first, tolerance,
                           title=f"{name} ({split})", config_summary=summary,
                           history_csv=first / "history.csv" if len(runs) == 1 else None,
                           cache_dir=cache_dir, data_dir=cached_data, tta=tta,
                           mc_samples=mc_samples, calibration=calibration,
-                          split_note=SPLIT_NOTES.get("val") if evaluated == {"val"}
-                          else SPLIT_NOTES.get("test") if evaluated == {"test"} else None)
+                          split_note=SPLIT_NOTES.get(next(iter(evaluated)))
+                          if len(evaluated) == 1 else None)
 
 
 def _check_held_out(rows: pd.DataFrame, run: Path) -> None:

@@ -32,7 +32,7 @@ import pandas as pd
 from . import __version__
 from .backend import backend_version, devices
 from .config import Config
-from .data import load_dataset, split_table, subsample
+from .data import load_dataset, set_selection, split_table, subsample
 from .distribute import Replicas
 from .distribute import current as current_replicas
 from .errors import BoneAgeError
@@ -101,9 +101,14 @@ def make_split(cfg: Config) -> pd.DataFrame:
     """Load, clean, subsample and split the data (the run's split.csv is written later)."""
     table, _, _ = load_dataset(cfg.data.data_dir, strict=cfg.data.strict,
                                age_range=cfg.data.age_range, cache_dir=cfg.data.cache_dir)
+    selection = None
+    if cfg.data.selection_size:
+        selection, table = set_selection(table, cfg.data.selection_size)
     table = subsample(table, cfg.data.max_images, cfg.train.seed)
     split = split_table(table, cfg.data.split, cfg.data.val_fraction,
                         cfg.data.test_fraction, cfg.train.seed)
+    if selection is not None:
+        split = pd.concat([split, selection], ignore_index=True)
     counts = split["split"].value_counts().to_dict()
     log.info("split (%s, seed %d): %s", cfg.data.split, cfg.train.seed, counts)
     return split

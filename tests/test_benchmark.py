@@ -10,6 +10,7 @@ from conftest import cli_here
 
 SHARED = ["--set", "data.max_images=240", "--set", "data.image_size=32",
           "--set", "data.resize=stretch", "--set", "data.test_fraction=0.25",
+          "--set", "data.selection_size=300",
           "--set", "model.backbone=resnet18", "--set", "model.width=0.25",
           "--set", "model.weights=none",
           "--set", "train.epochs=2", "--set", "train.batch_size=32",
@@ -32,21 +33,24 @@ def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
     # both trained on the first variant's split (the second asked for another one)
     splits = [pd.read_csv(out / name / "split.csv", dtype={"id": str})
               for name in ("plain", "sex")]
-    assert splits[0].equals(splits[1]) and (splits[0]["split"] == "test").sum() == 60
+    counts = splits[0]["split"].value_counts()
+    assert splits[0].equals(splits[1]) and (counts["test"], counts["selection"]) == (60, 300)
+    # scored on the selection split; the test split stays untouched
     result = json.loads((out / "benchmark.json").read_text())
-    assert result["held_out_split"] == "test" and result["n_held_out"] == 60
+    assert result["held_out_split"] == "selection" and result["n_held_out"] == 300
     rows = {r["variant"]: r for r in result["rows"]}
     for name in ("plain", "sex"):
         preds = pd.read_csv(out / name / "eval" / "predictions.csv", dtype={"id": str})
-        assert set(preds["id"]) == set(splits[0].loc[splits[0]["split"] == "test", "id"])
+        assert set(preds["id"]) == set(splits[0].loc[splits[0]["split"] == "selection",
+                                                     "id"])
         assert rows[name]["mae"] == pytest.approx(
             (preds["predicted"] - preds["boneage"]).abs().mean(), abs=1e-6)
         assert rows[name]["epochs"] == 2 and rows[name]["train_minutes"] > 0
     comparison = result["comparisons"][0]
-    assert (comparison["a"], comparison["b"], comparison["n"]) == ("plain", "sex", 60)
+    assert (comparison["a"], comparison["b"], comparison["n"]) == ("plain", "sex", 300)
     assert comparison["difference"] == pytest.approx(rows["sex"]["mae"] - rows["plain"]["mae"])
     assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
-    assert "sex - plain: MAE" in proc.stdout and "held out: test split, n=60" in proc.stdout
+    assert "sex - plain: MAE" in proc.stdout and "held out: selection split, n=300" in proc.stdout
     page = (out / "report.html").read_text()
     assert "Paired bootstrap" in page and page.count("data:image/png;base64,") == 1
     # a third call trains nothing

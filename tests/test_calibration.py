@@ -93,13 +93,13 @@ def test_evaluate_recalibrates_on_validation_and_scores_on_test(trained_run, tmp
                                table["predicted"], atol=0.02)
 
 
-def test_recalibration_needs_a_test_split_and_a_fit(trained_run, tmp_path):
+def test_recalibration_needs_a_held_out_split_and_a_fit(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png"))
     split = pd.read_csv(run / "split.csv", dtype={"id": str})
     split.loc[split["split"] == "test", "split"] = "train"
     split.to_csv(run / "split.csv", index=False)
     proc = cli_here(["evaluate", run, "--recalibrate"], check=False)
-    assert proc.returncode == 2 and "has no test split" in proc.stderr
+    assert proc.returncode == 2 and "has neither to score it on" in proc.stderr
     proc = cli_here(["predict", "--model", run, "--recalibrate", "x.png"], check=False)
     assert proc.returncode == 2 and "no calibration stored" in proc.stderr

@@ -172,6 +172,39 @@ def test_splits_are_deterministic_and_stratified(bulk_dir):
     assert set(r["split"]) == {"train", "val"} and abs((r["split"] == "val").sum() - 1211) <= 1
 
 
+def test_the_selection_split_is_one_fixed_stratified_set_apart_from_training(bulk_dir):
+    """Every recipe, seed and max_images of the same data is scored on the same 1,000
+    images, each age decile and sex at its share, none of them trained on."""
+    from boneage_keras.config import load_config
+    from boneage_keras.rundir import make_split
+
+    labels = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})
+    splits = [make_split(load_config("cpu-bench", [
+        f"data.data_dir={bulk_dir}", "data.selection_size=1000", *extra]))
+        for extra in ([], ["train.seed=7", "data.max_images=500"])]
+    chosen = [set(s.loc[s["split"] == "selection", "id"]) for s in splits]
+    assert len(chosen[0]) == 1000 and chosen[0] == chosen[1]
+    for split in splits:
+        fitted = set(split.loc[split["split"].isin(["train", "val"]), "id"])
+        assert fitted and not fitted & chosen[0]
+    assert (splits[1]["split"] != "selection").sum() == 500
+    # every age-decile x sex stratum holds its share of the 1,000 to within two images;
+    # a random draw of the same size misses by more
+    strata = pd.Series(data.age_bins(labels["boneage"].to_numpy()) * 2
+                       + labels["male"].astype(int).to_numpy(), index=labels["id"])
+
+    def worst_miss(ids):
+        share = strata.value_counts() * 1000 / len(strata)
+        return float((strata[list(ids)].value_counts() - share).abs().max())
+
+    assert worst_miss(chosen[0]) <= 2
+    assert worst_miss(labels["id"].sample(1000, random_state=0)) > 4
+    too_big = load_config("cpu-bench", [f"data.data_dir={bulk_dir}",
+                                        "data.selection_size=7000"])
+    with pytest.raises(data.DataError, match="data.selection_size"):
+        make_split(too_big)
+
+
 def test_age_groups():
     groups = data.assign_age_group(np.array([0, 60, 60.5, 61, 120, 121, 180, 181, 240, 250]))
     assert groups.tolist() == ["0-60", "0-60", "61-120", "61-120", "61-120", "121-180",

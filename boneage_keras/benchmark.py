@@ -90,7 +90,10 @@ def _row(name: str, metrics: dict[str, Any], minutes: float | None,
            "tolerance_accuracy": metrics["tolerance_accuracy"], "bias": metrics["bias"],
            "slope": metrics["regression_to_mean"]["slope"],
            "mae_without_tta": tta.get("mae_without_tta"),
-           "epochs": epochs, "train_minutes": None if minutes is None else round(minutes, 1)}
+           "epochs": epochs, "train_minutes": None if minutes is None else round(minutes, 1),
+           # regression to the mean shows as opposite biases at the two ends
+           "bias_by_age_group": {group: report.get("bias") for group, report in
+                                 metrics.get("by_age_group", {}).items()}}
     if "uncertainty" in metrics:
         row["interval_coverage"] = metrics["uncertainty"]["coverage"]
     return row

@@ -84,6 +84,18 @@ def _extras(metrics: dict[str, Any], tol: float) -> list[str]:
     return parts
 
 
+def _bias_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Each variant's mean bias (predicted - true) per age group, or nothing."""
+    groups = list(rows[0].get("bias_by_age_group", {})) if rows else []
+    if not groups:
+        return []
+    cells = [[r["variant"], *("-" if r["bias_by_age_group"].get(g) is None
+                              else r["bias_by_age_group"][g] for g in groups)]
+             for r in rows]
+    return ["<h2>Bias by age group (predicted - true, months)</h2>",
+            _table(["variant", *groups], cells)]
+
+
 def write_benchmark_report(out_dir: Path, summary: dict[str, Any],
                            figures: Sequence[Path]) -> Path:
     """``report.html`` of a benchmark: the table, the paired comparisons, the curves."""
@@ -101,6 +113,7 @@ def write_benchmark_report(out_dir: Path, summary: dict[str, Any],
              + (f" <b>{html.escape(note)}</b>" if note else "") + "</p>",
              _table(["variant", "n", "MAE", "RMSE", "R²", "±12 mo accuracy", "bias",
                      "slope (pred on true)", "epochs", "minutes"], rows),
+             *_bias_table(summary["rows"]),
              "<h2>Paired bootstrap against the first variant (MAE difference, months)</h2>",
              _table(["B - A", "n", "difference", "95% CI", "fraction B worse"], comparisons)]
     for figure in figures:

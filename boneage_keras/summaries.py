@@ -116,6 +116,13 @@ def benchmark_summary(result: dict[str, Any], out_dir: Any) -> str:
         lines.append(f"{r['variant']:<22}{r['mae']:>7.2f}{r['rmse']:>7.2f}{r['r2']:>7.3f}"
                      f"{r['tolerance_accuracy']:>9.3f}{r['bias']:>+7.2f}{r['slope']:>7.3f}"
                      f"{r['epochs']:>7}{minutes:>7}")
+    groups = list(result["rows"][0].get("bias_by_age_group", {})) if result["rows"] else []
+    if groups:
+        lines.append(f"{'bias by age group':<22}" + "".join(f"{g:>9}" for g in groups))
+        for r in result["rows"]:
+            biases = [r["bias_by_age_group"].get(g) for g in groups]
+            lines.append(f"{r['variant']:<22}" + "".join(
+                f"{'-':>9}" if b is None else f"{b:>+9.2f}" for b in biases))
     for c in result["comparisons"]:
         lines.append(f"{c['b']} - {c['a']}: MAE {c['difference']:+.2f} months, 95% CI "
                      f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] (n={c['n']})")

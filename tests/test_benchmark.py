@@ -46,6 +46,9 @@ def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
         assert rows[name]["mae"] == pytest.approx(
             (preds["predicted"] - preds["boneage"]).abs().mean(), abs=1e-6)
         assert rows[name]["epochs"] == 2 and rows[name]["train_minutes"] > 0
+        young = preds["boneage"] <= 60
+        assert rows[name]["bias_by_age_group"]["0-60"] == pytest.approx(
+            (preds["predicted"] - preds["boneage"])[young].mean(), abs=1e-6)
     comparison = result["comparisons"][0]
     assert (comparison["a"], comparison["b"], comparison["n"]) == ("plain", "sex", 300)
     assert comparison["difference"] == pytest.approx(rows["sex"]["mae"] - rows["plain"]["mae"])
@@ -53,6 +56,7 @@ def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
     assert "sex - plain: MAE" in proc.stdout and "held out: selection split, n=300" in proc.stdout
     page = (out / "report.html").read_text()
     assert "Paired bootstrap" in page and page.count("data:image/png;base64,") == 1
+    assert "Bias by age group" in page and "bias by age group" in proc.stdout
     # a third call trains nothing
     again = cli_here([*base, "plain=default", "sex=default,model.use_sex=true"])
     assert "trained in" not in again.stderr

@@ -315,10 +315,13 @@ def channels_last_conv2d(layer: Any, inputs: Any) -> Any | None:
     import torch.nn.functional as F
 
     x = inputs.permute(0, 3, 1, 2)               # a view: NCHW shape over NHWC memory
-    # HWIO -> OIHW in channels-last memory (OHWI): one 2-D transpose, as torch wants it
-    h, w, cin, cout = layer.kernel.shape
-    kernel = (layer.kernel.value.view(h * w * cin, cout).t().contiguous()
-              .view(cout, h, w, cin).permute(0, 3, 1, 2))
+    kernel = layer.kernel.value.permute(3, 2, 0, 1)   # HWIO -> OIHW, a view
+    if not kernel.is_contiguous(memory_format=torch.channels_last):
+        # a kernel in HWIO memory (not laid out by channels_last_kernel): OHWI memory,
+        # as torch wants it, by one 2-D transpose
+        h, w, cin, cout = layer.kernel.shape
+        kernel = (layer.kernel.value.reshape(h * w * cin, cout).t().contiguous()
+                  .view(cout, h, w, cin).permute(0, 3, 1, 2))
     padding: Any = 0
     if layer.padding == "same":
         pads = _same_padding(x.shape[2:], layer.kernel_size, layer.strides,
@@ -332,6 +335,23 @@ def channels_last_conv2d(layer: Any, inputs: Any) -> Any | None:
                    tuple(layer.dilation_rate))
     out = out.permute(0, 2, 3, 1)
     return layer.activation(out) if layer.activation is not None else out
+
+
+def channels_last_kernel(layer: Any) -> None:
+    """On torch, hold a channels-last ``Conv2D``'s kernel in OHWI memory: to Keras it
+    stays an HWIO kernel (shape, values, saving, assignment, other backends), seen
+    through strides; torch's channels-last convolution takes it as it is (no transpose
+    before the convolution) and answers its gradient in the same memory (no copy after
+    it). Keras' torch convolution reads any strides, so a kernel laid out otherwise only
+    costs :func:`channels_last_conv2d` a transpose. Nothing happens elsewhere."""
+    if (keras.backend.backend() != "torch" or layer.data_format != "channels_last"
+            or len(layer.kernel.shape) != 4):
+        return
+    import torch
+
+    value = layer.kernel.value
+    with torch.no_grad():
+        value.data = value.data.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
 
 
 def channels_last_max_pool2d(layer: Any, inputs: Any) -> Any | None:
@@ -365,6 +385,31 @@ def channels_last_max_pool2d(layer: Any, inputs: Any) -> Any | None:
     return out.permute(0, 2, 3, 1)
 
 
+def _pack(tensors: list[Any]) -> Any:
+    """One flat tensor holding the 1-D ``tensors``' values, each tensor rebound to its
+    slice of it (``Tensor.data``, as PyTorch's flat-parameter wrappers do), so an op on
+    the flat tensor updates them all."""
+    import torch
+
+    with torch.no_grad():
+        flat = torch.cat([t.detach() for t in tensors])
+        start = 0
+        for t in tensors:
+            t.data = flat[start:start + t.numel()]
+            start += t.numel()
+    return flat
+
+
+def _views_of(flat: Any, tensors: list[Any]) -> bool:
+    """Whether ``tensors`` still are ``flat``'s consecutive slices (as _pack left them)."""
+    address, start = flat.data_ptr(), 0
+    for t in tensors:
+        if t.data_ptr() != address + start * flat.element_size():
+            return False
+        start += t.numel()
+    return start == flat.numel()
+
+
 def fuse_adam(optimizer: Any) -> Any:
     """On torch, let Keras' Adam (or AdamW) update every variable in one fused op.
 
@@ -374,7 +419,12 @@ def fuse_adam(optimizer: Any) -> Any:
     a GPU kernel) does the step in one, with Keras' arithmetic: PyTorch adds epsilon
     after the bias correction, Keras before it, so each step passes Keras' epsilon
     scaled by that step's correction (the step count is read from the device once,
-    then counted here). Keras' update is kept elsewhere: other backends, AMSGrad,
+    then counted here). Each variable is updated in its own memory layout (a kernel
+    kept in OHWI memory by :func:`channels_last_kernel` seen in that order, not copied
+    in and out), and the vectors (biases, batch-norm scales and offsets: two thirds of
+    a ResNet's variables) as one flat tensor, their values and moments rebound to its
+    slices once: the CPU kernel reads the step count once per tensor it is given, and
+    the gradients' concatenation is the one op added. Keras' update is kept elsewhere: other backends, AMSGrad,
     gradient accumulation, variables not all float32, and inside torch.compile (which
     fuses the foreach ops itself).
 
@@ -391,6 +441,7 @@ def fuse_adam(optimizer: Any) -> Any:
 
     keras_update = optimizer._parallel_update_step
     count: list[int] = []        # the step this update makes, once read
+    packed: dict[tuple, list] = {}   # the vectors' ids -> value, moment, velocity flats
 
     def update(grads, variables, learning_rate):
         values = [v.value for v in variables]
@@ -408,12 +459,44 @@ def fuse_adam(optimizer: Any) -> Any:
         step = (optimizer.iterations.value + 1).to(torch.float32)
         lr = torch.as_tensor(getattr(learning_rate, "value", learning_rate),
                              dtype=torch.float32, device=values[0].device)
-        torch._fused_adam_(
-            values, list(grads),
-            [optimizer._momentums[index(v)].value for v in variables],
-            [optimizer._velocities[index(v)].value for v in variables],
-            [], [step] * len(values), lr=lr, beta1=beta_1, beta2=beta_2,
-            weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        moments = [optimizer._momentums[index(v)].value for v in variables]
+        velocities = [optimizer._velocities[index(v)].value for v in variables]
+        grads = list(grads)
+        # the fused op walks the four tensors' memory in step, and on a CPU copies a
+        # non-contiguous one in and out: each in the variable's layout, seen in the
+        # order of its memory (a kernel in OHWI memory, channels_last_kernel)
+        for i, value in enumerate(values):
+            if grads[i].stride() != value.stride():
+                grads[i] = torch.empty_like(value).copy_(grads[i])
+            for state in (moments[i], velocities[i]):
+                if state.stride() != value.stride():
+                    with torch.no_grad():
+                        state.data = torch.empty_like(value).copy_(state.data)
+            if not value.is_contiguous():
+                order = sorted(range(value.dim()), key=lambda d: -value.stride(d))
+                values[i], grads[i], moments[i], velocities[i] = (
+                    t.permute(order) for t in (value, grads[i], moments[i], velocities[i]))
+        # the vectors (biases, batch-norm scales and offsets) updated as one tensor
+        small = [i for i, value in enumerate(values) if value.dim() == 1]
+        if len(small) > 1:
+            big = [i for i, value in enumerate(values) if value.dim() != 1]
+            key = tuple(id(variables[i]) for i in small)
+            groups = ([values[i] for i in small], [moments[i] for i in small],
+                      [velocities[i] for i in small])
+            flats = packed.get(key)
+            if flats is None or not all(_views_of(flat, group)
+                                        for flat, group in zip(flats, groups)):
+                packed.clear()
+                flats = packed[key] = [_pack(group) for group in groups]
+            values = [values[i] for i in big] + [flats[0]]
+            moments = [moments[i] for i in big] + [flats[1]]
+            velocities = [velocities[i] for i in big] + [flats[2]]
+            grads = [grads[i] for i in big] + [torch.cat([grads[i] for i in small])]
+        with torch.no_grad():
+            torch._fused_adam_(
+                values, grads, moments, velocities,
+                [], [step] * len(values), lr=lr, beta1=beta_1, beta2=beta_2,
+                weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
 
     optimizer._parallel_update_step = update
     return optimizer

@@ -144,6 +144,10 @@ class Conv(layers.Conv2D):
     (:func:`backend.channels_last_conv2d`); on JAX and TensorFlow it is Keras' own. The
     backbones use it in place of Keras' layer."""
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        backend.channels_last_kernel(self)
+
     def call(self, inputs):
         fast = backend.channels_last_conv2d(self, inputs)
         return super().call(inputs) if fast is None else fast

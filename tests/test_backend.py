@@ -114,3 +114,45 @@ def test_fused_adam_follows_keras_adam(optimizer_class, options, start_step):
     ops = {e.key: e.count for e in prof.key_averages()}
     # fails when Keras no longer updates through _parallel_update_step
     assert ops.get("aten::_fused_adam_") == 3 and "aten::_foreach_add_" not in ops, ops
+
+
+def test_fused_adam_packs_vectors_and_keeps_kernels_in_their_memory():
+    """A backbone's variables: conv kernels in OHWI memory (model.Conv) and many
+    vectors. The fused update gives Keras' Adam's values, copies no kernel in or out,
+    and reads the step count from memory (a host sync on a GPU) once for the kernel
+    and once for all vectors together, not once per variable."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from boneage_keras.backend import fuse_adam
+    from boneage_keras.model import Conv
+
+    rng = np.random.default_rng(0)
+    conv = Conv(6, 3, use_bias=True)
+    conv.build((1, 5, 5, 4))
+    variables = [conv.kernel, conv.bias] + [
+        keras.Variable(rng.normal(size=n).astype("float32")) for n in (3, 5, 7, 2)]
+    starts = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    steps = [[rng.normal(size=v.shape).astype("float32") for v in variables]
+             for _ in range(3)]
+    trajectories = []
+    for fused in (False, True):
+        for v, start in zip(variables, starts):
+            v.assign(start)
+        optimizer = keras.optimizers.Adam(0.01)
+        if fused:
+            fuse_adam(optimizer)
+        optimizer.build(variables)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for grads in steps:
+                optimizer.apply([torch.tensor(g) for g in grads], variables)
+        trajectories.append([v.numpy().copy() for v in variables])
+    for ours, theirs in zip(*reversed(trajectories)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert conv.kernel.value.permute(3, 0, 1, 2).is_contiguous()
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("aten::_fused_adam_") == 3
+    assert "aten::clone" not in ops, ops          # no kernel copied in and out
+    # the step count read once at the start; then per step the kernel's step read,
+    # the five vectors' one and the learning rate's (one per variable would be 7)
+    assert ops.get("aten::item", 0) <= 1 + 3 * 3, ops

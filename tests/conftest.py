@@ -4,7 +4,9 @@ when it is missing."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,11 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # caches and decode records of the shared sample go to a temporary folder, never into
 # ../shared (tests that check the default location unset it)
-os.environ.setdefault("BONEAGE_CACHE_DIR", tempfile.mkdtemp(prefix="boneage-test-cache-"))
+# (made by the process that starts the tests, removed when it ends; pytest-xdist's
+# workers inherit it)
+if "BONEAGE_CACHE_DIR" not in os.environ:
+    os.environ["BONEAGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="boneage-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["BONEAGE_CACHE_DIR"], True)
 # pytest-xdist workers (setup.cfg: two, for this project's 2-core CI machine) share the
 # cores: each worker, and the processes it starts, computes on its share of threads.
 # More threads than cores, spinning against each other, slowed a training epoch here

@@ -125,7 +125,9 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
         callbacks = [StopOnSignal()]   # not installed: only its per-batch hook
         for _ in range(warmup):
             model.train_on_batch(x, y)
-        model.fit(warm, verbose=0, callbacks=callbacks)
+        # shuffle=False: a tf.data input comes in its own order (Keras warns otherwise)
+        model.fit(warm, verbose=0, shuffle=False, callbacks=callbacks)
+
         def bare_steps() -> None:
             for _ in range(steps):
                 model.train_on_batch(x, y)
@@ -134,6 +136,7 @@ def step_times(cfg: Config, steps: int = 10, warmup: int = 2,
         for _ in range(rounds):   # alternate, so drifts hit both alike; report medians
             bare.append(_seconds(bare_steps) / steps)
             fitted.append(_seconds(lambda: model.fit(data, epochs=1, verbose=0,
+                                                     shuffle=False,
                                                      callbacks=callbacks)) / steps)
     finally:
         keras.mixed_precision.set_global_policy("float32")

@@ -276,7 +276,9 @@ def fused_batch_norm(layer: Any, inputs: Any, training: bool | None) -> Any | No
             # 1 / invstd^2 is the batch variance plus epsilon; the scalar comes off as a
             # 0-d tensor (a Python number costs a conversion and a copy per call)
             layer.moving_variance.value.lerp_(torch.reciprocal(invstd * invstd), weight)
-            layer.moving_variance.value.sub_(_scalar(weight * layer.epsilon, invstd.device))
+            shift = weight * layer.epsilon
+            layer.moving_variance.value.sub_(shift if _compiling()
+                                             else _scalar(shift, invstd.device))
     else:
         out = torch.nn.functional.batch_norm(x, layer.moving_mean.value,
                                              layer.moving_variance.value, gamma, beta,
@@ -359,11 +361,12 @@ def channels_last_max_pool2d(layer: Any, inputs: Any) -> Any | None:
     memory. Keras' torch pooling copies its input into NCHW memory and answers in it,
     so every layer after the stem's max-pool would run in NCHW memory, and each
     convolution re-lays out its kernel (about a third of a ResNet50 CPU step's time).
-    None where it does not apply (another backend or layout, inside torch.compile, a
-    "same" padding torch's ``ceil_mode`` cannot express): the caller computes it as
-    Keras does."""
+    Inside torch.compile too: Keras pads "same" by replication, whose compiled
+    backward fails on channels-last tensors. None where it does not apply (another
+    backend or layout, a "same" padding torch's ``ceil_mode`` cannot express): the
+    caller computes it as Keras does."""
     if (keras.backend.backend() != "torch" or len(inputs.shape) != 4
-            or layer.data_format != "channels_last" or _compiling()):
+            or layer.data_format != "channels_last"):
         return None
     import torch.nn.functional as F
 

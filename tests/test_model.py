@@ -336,3 +336,39 @@ def test_max_pool_matches_keras_and_keeps_channels_last_memory(options, shape):
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-6)
     assert results[1][2], "MaxPool's output is not NHWC in memory"
+
+
+def test_a_compiled_step_through_our_layers_trains_as_eager():
+    """torch.compile of a training step (train.jit_compile, the default on a GPU)
+    through a backbone's stem: Conv, BatchNorm and the "same" MaxPool of ResNet18's
+    stem. Keras' torch pooling pads "same" by replication, whose compiled backward
+    failed on channels-last tensors; ours pads through ceil_mode. The compiled step
+    gives eager's losses, and the only graph breaks are Keras' at the train step's
+    backward() call."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from boneage_keras.model import BatchNorm, Conv, MaxPool
+
+    inputs = keras.Input((64, 64, 1))
+    x = Conv(64, 7, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.Activation("relu")(BatchNorm()(x))
+    x = MaxPool(3, strides=2, padding="same")(x)
+    x = Conv(8, 3, padding="same")(x)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(x))
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.uniform(0, 1, (4, 64, 64, 1)), dtype=torch.float32)
+    y = torch.tensor(rng.uniform(0, 1, (4,)), dtype=torch.float32)
+    losses, weights = [], None
+    for compiled in (False, True):
+        model = keras.Model(inputs, outputs)
+        if weights is None:
+            weights = [w.copy() for w in model.get_weights()]
+        model.set_weights(weights)
+        model.compile(keras.optimizers.Adam(0.01), "mae", jit_compile=compiled)
+        counters.clear()
+        losses.append([float(model.train_on_batch(x, y, return_dict=True)["loss"])
+                       for _ in range(3)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    reasons = {reason.splitlines()[0] for reason in counters["graph_break"]}
+    assert reasons == {"Unsupported Tensor.backward() call"}, reasons

@@ -262,6 +262,13 @@ def _profile_torch(model, x, y, target: Path) -> None:
 
 
 def run_pipeline(size: int, batch: int, data_dir: str, images: int, workers: int) -> list[dict]:
+    """The input pipeline's rates, from a cache made for the run and removed after it."""
+    with tempfile.TemporaryDirectory(prefix="gpu-speed-cache-") as cache_dir:
+        return _run_pipeline(size, batch, data_dir, images, workers, cache_dir)
+
+
+def _run_pipeline(size: int, batch: int, data_dir: str, images: int, workers: int,
+                  cache_dir: str) -> list[dict]:
     import keras
 
     from boneage_keras.augment import build_augmenter, tensorflow_available
@@ -271,7 +278,6 @@ def run_pipeline(size: int, batch: int, data_dir: str, images: int, workers: int
     from boneage_keras.data import load_dataset
     from boneage_keras.loaders import BoneAgeDataset, make_tf_dataset
 
-    cache_dir = tempfile.mkdtemp(prefix="gpu-speed-cache-")
     cache_size = max(256, size)
     prepare_cache(data_dir, cache_size, "pad", cache_dir, progress=False)
     table = _repeat_table(load_dataset(data_dir, check_images=False)[0], images)

@@ -13,16 +13,20 @@ from conftest import REPO, backend_env
 
 def test_gpu_speed_script_runs_on_cpu(tmp_path, sample_dir):
     out = tmp_path / "speed.json"
+    scratch = tmp_path / "tmp"                  # the script's temporary files
+    scratch.mkdir()
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_speed.py"), "--size", "32",
          "--batches", "2", "--steps", "2", "--warmup", "1", "--quick", "--images", "16",
          "--workers", "2", "--backends", "torch", "--data-dir", str(sample_dir),
          "--out", str(out)],
-        cwd=tmp_path, env=backend_env("torch"), capture_output=True, text=True,
-        timeout=600, check=False)
+        cwd=tmp_path, env={**backend_env("torch"), "TMPDIR": str(scratch)},
+        capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["complete"] is True
+    # the pipeline's image cache, made for the run, is gone after it
+    assert not list(scratch.glob("gpu-speed-cache-*")), list(scratch.iterdir())
     rows = report["rows"]
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     contenders = {(r["contender"], r["variant"], r.get("precision")) for r in rows}

@@ -85,10 +85,18 @@ def train(config_path: str | None, data_dir: str | None, overrides: tuple[str, .
     else:
         cfg = load_config(config_path or "default", sets)
         result = run_training(cfg, verbose=verbose)
-    from boneage_keras.summaries import train_summary
+    from boneage_keras.summaries import calibration_summary, train_summary
 
     click.echo(train_summary(result.run_dir, result.best_epoch, result.best,
                              result.process))
+    if result.chief:
+        from boneage_keras.calibration import CalibrationError
+        from boneage_keras.evaluate import calibrate_run
+
+        try:
+            click.echo(calibration_summary(result.run_dir, calibrate_run(result.run_dir)))
+        except CalibrationError as err:
+            click.echo(f"No calibration for this run: {err}")
 
 
 def _mc_samples(ctx, param, value: int) -> int:
@@ -122,9 +130,10 @@ def _tta_option(f):
 @click.option("--tolerance", type=click.FloatRange(0, min_open=True), default=None,
               help="Tolerance in months (default: the run's, else 12).")
 @click.option("--recalibrate", is_flag=True,
-              help="RUN_DIR with a test split: fit the regression-to-the-mean correction "
-                   "and the conformal 90%% interval on its validation split (saved as "
-                   "calibration.json) and score them on the test split.")
+              help="RUN_DIR with a selection or test split: fit the regression-to-the-"
+                   "mean correction and the conformal 90%% interval on its calibration "
+                   "split (else validation; saved as calibration.json) and score them "
+                   "on the selection or test split.")
 @_tta_option
 def evaluate(run_dirs, model_paths, data_dir, split, out_dir, tolerance, recalibrate, tta,
              mc_samples) -> None:

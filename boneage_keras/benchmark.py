@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .calibration import CalibrationError, apply_calibration
 from .compare import compare_predictions
 from .config import ConfigError, load_config, parse_override
-from .evaluate import SPLIT_NOTES, evaluate_run, held_out_split
+from .evaluate import SPLIT_NOTES, calibrate_run, evaluate_run, held_out_split
 from .files import check_output_dir, write_json
+from .metrics import recalibration_report
 from .rundir import read_state, run_complete
 from .train import resume, train
 
@@ -82,6 +84,26 @@ def _minutes(run_dir: Path) -> float | None:
     return (ended - started).total_seconds() / 60
 
 
+def _with_calibration(run_dir: Path, eval_dir: Path, metrics: dict[str, Any], tta: int,
+                      mc_samples: int) -> dict[str, Any]:
+    """``metrics`` with the run's calibration (bias correction and 90% interval, fitted
+    on its calibration split) scored on the same held-out images; the main figures stay
+    the model's own, so variants compare as trained."""
+    try:
+        cal = calibrate_run(run_dir, tta=tta, mc_samples=mc_samples)
+    except CalibrationError as err:
+        log.warning("'%s': no calibration: %s", run_dir.name, err)
+        return metrics
+    preds = pd.read_csv(eval_dir / "predictions.csv")
+    std = preds["std"].to_numpy() if cal["interval"] == "scaled" else None
+    corrected, lower, upper = apply_calibration(cal, preds["predicted"].to_numpy(), std)
+    metrics = {**metrics, "recalibration": recalibration_report(
+        preds["boneage"].to_numpy(), preds["predicted"].to_numpy(), corrected, lower,
+        upper, cal, metrics["tolerance_months"])}
+    write_json(eval_dir / "metrics.json", metrics)
+    return metrics
+
+
 def _row(name: str, metrics: dict[str, Any], minutes: float | None,
          epochs: int) -> dict[str, Any]:
     tta = metrics.get("tta", {})
@@ -96,6 +118,16 @@ def _row(name: str, metrics: dict[str, Any], minutes: float | None,
                                  metrics.get("by_age_group", {}).items()}}
     if "uncertainty" in metrics:
         row["interval_coverage"] = metrics["uncertainty"]["coverage"]
+    if "recalibration" in metrics:      # the run's calibration on the same images
+        after, interval = metrics["recalibration"]["after"], \
+            metrics["recalibration"]["interval"]
+        row["calibrated"] = {
+            "mae": after["mae"], "tolerance_accuracy": after["tolerance_accuracy"],
+            "bias_by_age_group": after["bias_by_age_group"],
+            "half_width": metrics["recalibration"]["fit"]["half_width"],
+            "coverage": interval["coverage"],
+            "coverage_by_age_group": {g: r.get("coverage") for g, r in
+                                      interval["by_age_group"].items()}}
     return row
 
 
@@ -144,6 +176,8 @@ def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str
         else:
             metrics = evaluate_run(run_dir, "auto", out_dir=eval_dir, tta=tta,
                                    mc_samples=mc_samples).metrics
+            if "calibration" in set(shared_split["split"]):
+                metrics = _with_calibration(run_dir, eval_dir, metrics, tta, mc_samples)
         history = pd.read_csv(run_dir / "history.csv")
         rows.append(_row(name, metrics, _minutes(run_dir), len(history)))
         evaluations.append(eval_dir)

@@ -1,23 +1,26 @@
-"""Predictions that mean what they say, fitted on the validation split of a run.
+"""Predictions that mean what they say, fitted on a split of the run that neither
+trained the model nor chose its checkpoint (its calibration split; the validation
+split where a run has none, with slightly optimistic residuals).
 
 * **Regression to the mean.** A model trained briefly pulls every age toward the
-  training mean (young children too old, teenagers too young). On the validation
-  split, predicted = a + b * true is fitted (b < 1: the pull); the correction
+  training mean (young children too old, teenagers too young). On that split,
+  predicted = a + b * true is fitted (b < 1: the pull); the correction
   ``corrected = (predicted - a) / b`` makes the expected correction zero at every
   true age (the bias-correction used for brain age, Smith et al. 2019). It removes the
   age-dependent bias, at the price of stretching the noise by 1/b: MAE can go up for a
   weak model, and both are reported.
-* **Intervals.** Split-conformal: on the validation split, the ``level`` quantile (with
+* **Intervals.** Split-conformal: on that split, the ``level`` quantile (with
   the finite-sample correction) of |true - corrected| (``absolute``: one width for all
   images) or of |true - corrected| / std (``scaled``: wider where the model is less
   sure, from MC dropout or an ensemble's spread) gives the half-width that covers
   ``level`` of new images from the same population.
 
-    >>> cal = fit_calibration(val_truth, val_predicted, val_std, level=0.9)
+    >>> cal = fit_calibration(cal_truth, cal_predicted, cal_std, level=0.9)
     >>> corrected, lower, upper = apply_calibration(cal, test_predicted, test_std)
 
-It is fitted once on validation predictions (``boneage evaluate RUN --recalibrate``),
-stored in the run (``calibration.json``) and in an export's model.json, and applied by
+It is fitted at the end of ``boneage train`` on the run's calibration split
+(``data.calibration_fraction``), or by ``boneage evaluate RUN --recalibrate``, stored
+in the run (``calibration.json``) and in an export's model.json, and applied by
 evaluate, predict and the exported model's users; it is never scored on the images it
 was fitted on.
 """

@@ -44,6 +44,9 @@ class DataConfig:
     split: Literal["random", "stratified"] = "random"
     val_fraction: float = 0.1
     test_fraction: float = 0.0
+    # the "calibration" split: held out from training and from choosing the checkpoint;
+    # the end of training fits the run's bias correction and 90% interval on it
+    calibration_fraction: float = 0.05
     max_images: int | None = None  # use a seeded random subset (quick experiments)
     # images set aside first as the "selection" split (stratified by age and sex, from a
     # fixed seed, whatever train.seed is): only compares finished recipes; 0: none
@@ -262,6 +265,11 @@ def _validate(cfg: Config) -> None:
         d.test_fraction,
         "0 <= x < 1 with val_fraction + test_fraction < 1",
     )
+    check(
+        finite(d.calibration_fraction) and 0 <= d.calibration_fraction < 0.5
+        and d.val_fraction + d.test_fraction + d.calibration_fraction < 1,
+        "data.calibration_fraction", d.calibration_fraction,
+        "0 <= x < 0.5 with val_fraction + test_fraction + calibration_fraction < 1")
     check(d.max_images is None or d.max_images >= 10, "data.max_images", d.max_images,
           "null or an integer >= 10")
     check(d.selection_size >= 0, "data.selection_size", d.selection_size,

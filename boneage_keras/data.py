@@ -303,18 +303,26 @@ def age_bins(ages: np.ndarray, n_bins: int = 10) -> np.ndarray:
     return np.digitize(ages, edges)
 
 
+CALIBRATION_MIN_IMAGES = 20   # fewer: no calibration split (calibration.MIN_IMAGES)
+
+
 def split_table(df: pd.DataFrame, method: str = "random", val_fraction: float = 0.1,
-                test_fraction: float = 0.0, seed: int = 42) -> pd.DataFrame:
-    """Add a ``split`` column (train/val/test), deterministic from ``seed``.
+                test_fraction: float = 0.0, seed: int = 42,
+                calibration_fraction: float = 0.0) -> pd.DataFrame:
+    """Add a ``split`` column (train/val/test/calibration), deterministic from ``seed``.
 
     ``stratified`` keeps the bone-age distribution (decile bins) equal across splits.
+    The calibration split is cut only where it gets at least
+    ``CALIBRATION_MIN_IMAGES`` images (a small run trains on them instead).
     """
     from sklearn.model_selection import train_test_split
 
     n = len(df)
     n_val = max(1, round(n * val_fraction))
     n_test = round(n * test_fraction) if test_fraction > 0 else 0
-    if n - n_val - n_test < 1:
+    n_cal = round(n * calibration_fraction)
+    n_cal = n_cal if n_cal >= CALIBRATION_MIN_IMAGES else 0
+    if n - n_val - n_test - n_cal < 1:
         raise DataError(f"only {n} usable images: too few for a validation fraction of "
                         f"{val_fraction} and a test fraction of {test_fraction}.")
     index = np.arange(n)
@@ -333,6 +341,9 @@ def split_table(df: pd.DataFrame, method: str = "random", val_fraction: float = 
     if n_test:
         rest, test_idx = cut(index, n_test)
         split[test_idx] = "test"
+    if n_cal:
+        rest, cal_idx = cut(rest, n_cal)
+        split[cal_idx] = "calibration"
     _, val_idx = cut(rest, n_val)
     split[val_idx] = "val"
     return df.assign(split=split)

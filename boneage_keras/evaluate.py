@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from .cache import reader_for
-from .calibration import apply_calibration, fit_calibration
+from .calibration import CalibrationError, apply_calibration, fit_calibration
 from .config import geometry, load_config
-from .data import DataError, load_dataset
+from .data import CALIBRATION_MIN_IMAGES, DataError, load_dataset
 from .files import check_output_dir, write_csv, write_json
 from .images import load_image
 from .inference import (
@@ -255,8 +255,9 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     Several run directories form an ensemble, evaluated on the first run's split; every
     run must have held those images out of its training (same split), else it is an
     error, since the ensemble's figures would be optimistic. ``recalibrate`` fits the
-    linear correction and the conformal 90% interval on the validation split (stored
-    in the first run's calibration.json) and scores them on the test split."""
+    linear correction and the conformal 90% interval on the run's calibration split
+    (else its validation split; stored in the first run's calibration.json) and
+    scores them on the selection or test split."""
     runs = [Path(r) for r in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
     for run in runs:
         if not (run / "config.yaml").is_file() or not (run / "split.csv").is_file():
@@ -286,20 +287,11 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     calibration = None
     if recalibrate:
         if evaluated not in ({"test"}, {"selection"}):
-            raise DataError("--recalibrate fits on the validation split and scores on the "
-                            f"selection or test split; {first} has neither to score it on "
-                            "(train with data.selection_size or data.test_fraction > 0).")
-        val = _attach_paths(_split_rows(first / "split.csv", "val"),
-                            data_dir or cfg.data.data_dir)
-        members = models if len(models) > 1 else models[0]
-        fit = predict_images(members, val["path"].tolist(), val["male"].to_numpy(),
-                             tta=tta, mc_samples=mc_samples,
-                             reader=reader_for(val, cached_data, cfg.data.image_size,
-                                               geometry(cfg.data), cache_dir))
-        calibration = fit_calibration(val["boneage"].to_numpy(), fit.predicted, fit.std)
-        calibration.update(tta=tta, mc_samples=mc_samples, members=len(models))
-        write_json(first / "calibration.json", calibration)
-        summary["recalibration"] = ("fitted on the validation split, scored on "
+            raise DataError("--recalibrate scores the calibration on the selection or "
+                            f"test split; {first} has neither (train with "
+                            "data.selection_size or data.test_fraction > 0).")
+        calibration = _fit_run_calibration(first, cfg, models, data_dir, tta, mc_samples)
+        summary["recalibration"] = (f"fitted on the {calibration['fitted_on']}, scored on "
                                     f"{next(iter(evaluated))}")
     return evaluate_table(models if len(models) > 1 else models[0], table,
                           Path(out_dir) if out_dir else first, tolerance,
@@ -309,6 +301,54 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
                           mc_samples=mc_samples, calibration=calibration,
                           split_note=SPLIT_NOTES.get(next(iter(evaluated)))
                           if len(evaluated) == 1 else None)
+
+
+def calibration_split(splits: pd.Series) -> str:
+    """The split a run's calibration is fitted on: its calibration split (held out from
+    training and from choosing the checkpoint), else the validation split (which chose
+    the checkpoint: its residuals are a little small)."""
+    return "calibration" if "calibration" in set(splits) else "val"
+
+
+def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
+                         data_dir: str | Path | None, tta: int, mc_samples: int
+                         ) -> dict[str, Any]:
+    """Fit the run's linear correction and conformal 90% interval (calibration.json)."""
+    split_csv = run / "split.csv"
+    name = calibration_split(pd.read_csv(split_csv, dtype={"id": str})["split"])
+    rows = _attach_paths(_split_rows(split_csv, name), data_dir or cfg.data.data_dir)
+    cached = (data_dir or cfg.data.data_dir) if cfg.data.use_cache else None
+    fit = predict_images(models if len(models) > 1 else models[0], rows["path"].tolist(),
+                         rows["male"].to_numpy(), tta=tta, mc_samples=mc_samples,
+                         reader=reader_for(rows, cached, cfg.data.image_size,
+                                           geometry(cfg.data),
+                                           cfg.data.cache_dir if cfg.data.use_cache
+                                           else None))
+    calibration = fit_calibration(rows["boneage"].to_numpy(), fit.predicted, fit.std,
+                                  fitted_on=f"{'validation' if name == 'val' else name} "
+                                            "split")
+    calibration.update(tta=tta, mc_samples=mc_samples, members=len(models))
+    write_json(run / "calibration.json", calibration)
+    return calibration
+
+
+def calibrate_run(run_dir: str | Path, data_dir: str | Path | None = None,
+                  tta: int = 1, mc_samples: int = 0) -> dict[str, Any]:
+    """Fit a finished run's bias correction and conformal 90% interval on its
+    calibration split, with best.keras, into its calibration.json (what
+    ``predict --recalibrate`` and an export's model.json carry). Raises
+    CalibrationError where none can be fitted (too few images, a model that does not
+    yet follow age)."""
+    run = Path(run_dir)
+    splits = pd.read_csv(run / "split.csv", dtype={"id": str})["split"]
+    if calibration_split(splits) != "calibration":
+        raise CalibrationError(
+            f"{run} has no calibration split, held out from training and from choosing "
+            "the checkpoint, to fit one on (data.calibration_fraction cuts one where it "
+            f"gets at least {CALIBRATION_MIN_IMAGES} images).")
+    cfg = load_config(run / "config.yaml")
+    model = KerasPredictor(open_model(run / "best.keras"), run.name)
+    return _fit_run_calibration(run, cfg, [model], data_dir, tta, mc_samples)
 
 
 def _check_held_out(rows: pd.DataFrame, run: Path) -> None:

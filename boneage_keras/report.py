@@ -65,11 +65,12 @@ def _extras(metrics: dict[str, Any], tol: float) -> list[str]:
     if "recalibration" in metrics:
         r = metrics["recalibration"]
         fit, iv = r["fit"], r["interval"]
-        parts += ["<h3>Recalibration (fitted on the validation split)</h3>",
+        fitted_on = fit.get("fitted_on", "validation split")
+        parts += [f"<h3>Recalibration (fitted on the {fitted_on})</h3>",
                   (f"<p>corrected = {fit['intercept']:.2f} + {fit['slope']:.3f} × predicted; "
                    f"{iv['level']:.0%} interval: split-conformal ({iv['kind']}), half-width "
                    f"{fit['half_width']:.2f}{' × std' if iv['kind'] == 'scaled' else ''} "
-                   f"months, fitted on {fit['n']} validation images.</p>"),
+                   f"months, fitted on {fit['n']} images of the {fitted_on}.</p>"),
                   _table(["", "MAE", f"±{tol:g} mo accuracy", "slope (pred on true)"]
                          + [f"bias {g}" for g in r["before"]["bias_by_age_group"]],
                          [[name, r[key]["mae"], r[key]["tolerance_accuracy"],

@@ -106,7 +106,8 @@ def make_split(cfg: Config) -> pd.DataFrame:
         selection, table = set_selection(table, cfg.data.selection_size)
     table = subsample(table, cfg.data.max_images, cfg.train.seed)
     split = split_table(table, cfg.data.split, cfg.data.val_fraction,
-                        cfg.data.test_fraction, cfg.train.seed)
+                        cfg.data.test_fraction, cfg.train.seed,
+                        cfg.data.calibration_fraction)
     if selection is not None:
         split = pd.concat([split, selection], ignore_index=True)
     counts = split["split"].value_counts().to_dict()

@@ -21,6 +21,14 @@ def train_summary(run_dir: Any, best_epoch: int, best: dict[str, float],
             f"{who}best epoch {best_epoch} (in best.keras): {figures}")
 
 
+def calibration_summary(run_dir: Any, calibration: dict[str, Any]) -> str:
+    """The calibration fitted at the end of training, in one line."""
+    return (f"calibration ({calibration['fitted_on']}, {calibration['n']} images): "
+            f"corrected = {calibration['intercept']:+.2f} + {calibration['slope']:.3f} x "
+            f"predicted, 90% interval +-{calibration['half_width']:.1f} months; in "
+            f"{run_dir}/calibration.json, used by `predict --recalibrate`")
+
+
 def _group_rows(metrics: dict[str, Any]) -> list[str]:
     lines = [f"{'group':<10}{'n':>6}{'MAE':>9}{'bias':>9}{'acc':>8}"]
     for section in ("by_age_group", "by_sex"):
@@ -53,7 +61,7 @@ def metrics_summary(metrics: dict[str, Any]) -> str:
     if "recalibration" in metrics:
         r = metrics["recalibration"]
         iv = r["interval"]
-        lines.append(f"recalibrated (fitted on validation): MAE {r['before']['mae']:.2f} -> "
+        lines.append(f"recalibrated (fitted on the {r['fit'].get('fitted_on', 'validation split')}): MAE {r['before']['mae']:.2f} -> "
                      f"{r['after']['mae']:.2f}, slope of predicted on true "
                      f"{r['before']['regression_to_mean']['slope']:.3f} -> "
                      f"{r['after']['regression_to_mean']['slope']:.3f}; {iv['level']:.0%} "
@@ -123,6 +131,18 @@ def benchmark_summary(result: dict[str, Any], out_dir: Any) -> str:
             biases = [r["bias_by_age_group"].get(g) for g in groups]
             lines.append(f"{r['variant']:<22}" + "".join(
                 f"{'-':>9}" if b is None else f"{b:>+9.2f}" for b in biases))
+    calibrated = [r for r in result["rows"] if "calibrated" in r]
+    if calibrated:
+        lines.append("each run's calibration (fitted on its calibration split), on the "
+                     "same images:")
+        lines.append(f"{'':<22}{'MAE':>7}{'acc+-12':>9}{'+-months':>9}{'covered':>9}"
+                     + "".join(f"{g:>9}" for g in groups))
+        for r in calibrated:
+            c = r["calibrated"]
+            cover = [c["coverage_by_age_group"].get(g) for g in groups]
+            lines.append(f"{r['variant']:<22}{c['mae']:>7.2f}{c['tolerance_accuracy']:>9.3f}"
+                         f"{c['half_width']:>9.1f}{c['coverage']:>9.3f}" + "".join(
+                             f"{'-':>9}" if v is None else f"{v:>9.3f}" for v in cover))
     for c in result["comparisons"]:
         lines.append(f"{c['b']} - {c['a']}: MAE {c['difference']:+.2f} months, 95% CI "
                      f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] (n={c['n']})")

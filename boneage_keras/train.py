@@ -98,6 +98,7 @@ class TrainResult:
     best_epoch: int = 0     # 1-based
     stopped_early: bool = False
     process: str | None = None  # this process's name in a run of several processes
+    chief: bool = True          # the process that writes the run
 
 
 # --- building ----------------------------------------------------------------------
@@ -330,7 +331,8 @@ def train_and_evaluate(cfg: Config, run_dir: Path, split: pd.DataFrame,
              ", ".join(f"{k}={v:.4g}" for k, v in best.items()))
     return TrainResult(run_dir=run_dir, epochs_run=epochs_done - start, best=best,
                        best_epoch=best_epoch + 1, stopped_early=run.best.stopped_early,
-                       process=replicas.name if replicas.processes > 1 else None)
+                       process=replicas.name if replicas.processes > 1 else None,
+                       chief=replicas.chief)
 
 
 def _start_replicas(cfg: Config) -> Replicas:

@@ -3,6 +3,7 @@ variants on one split, one table, paired bootstrap against the first, learning c
 rerun or extended, it continues where it stopped."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -67,3 +68,30 @@ def test_bad_variants_are_clear(tmp_path):
     assert proc.returncode == 2 and "unknown key 'train.epochz'" in proc.stderr
     proc = cli_here(["benchmark", "a=default", "a=cpu-bench", "--out", tmp_path], check=False)
     assert proc.returncode == 2 and "variant names must differ" in proc.stderr
+
+
+def test_each_variant_is_scored_with_its_own_calibration(trained_run, tmp_path):
+    """A run with a calibration split: the runner fits its correction and interval
+    there and scores them on the held-out images beside the model's own figures."""
+    from boneage_keras.benchmark import _row, _with_calibration
+    from boneage_keras.evaluate import evaluate_run
+    from boneage_keras.summaries import benchmark_summary
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png",
+                                                                   "calibration.json"))
+    metrics = evaluate_run(run, "auto", out_dir=run / "eval").metrics
+    scored = _with_calibration(run, run / "eval", metrics, 1, 0)
+    row = _row("small", scored, 1.0, 6)
+    assert row["mae"] == metrics["mae"]               # the model's own figures stay
+    calibrated = row["calibrated"]
+    assert 0.75 <= calibrated["coverage"] <= 1.0 and calibrated["half_width"] > 0
+    assert set(calibrated["coverage_by_age_group"]) == set(row["bias_by_age_group"])
+    assert json.loads((run / "calibration.json").read_text())["fitted_on"] == \
+        "calibration split"
+    # the reused metrics.json carries it, and the printed table shows it
+    assert "recalibration" in json.loads((run / "eval" / "metrics.json").read_text())
+    text = benchmark_summary({"held_out_split": "test", "held_out_note": "", "n_held_out":
+                              metrics["n"], "mean_baseline_mae": 40.0, "rows": [row],
+                              "comparisons": []}, tmp_path)
+    assert "each run's calibration" in text and f"{calibrated['coverage']:.3f}" in text

@@ -1,5 +1,6 @@
 """Regression to the mean and intervals that mean what they say: fitted on the
-validation split, scored on the test split, carried by predict and export."""
+run's calibration split when training ends (or by evaluate --recalibrate), scored on
+the test split, carried by predict and export."""
 
 import io
 import json
@@ -48,8 +49,8 @@ def test_conformal_intervals_cover_new_images(scaled):
         fit_calibration(truth[:5], predicted[:5])
 
 
-def test_evaluate_recalibrates_on_validation_and_scores_on_test(trained_run, tmp_path,
-                                                               bulk_dir):
+def test_evaluate_recalibrates_on_the_calibration_split_and_scores_on_test(
+        trained_run, tmp_path, bulk_dir):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png",
                                                                    "report.html"))
@@ -57,7 +58,8 @@ def test_evaluate_recalibrates_on_validation_and_scores_on_test(trained_run, tmp
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     split = pd.read_csv(run / "split.csv")
     recal = metrics["recalibration"]
-    assert recal["fit"]["n"] == (split["split"] == "val").sum()     # fitted on val ...
+    # fitted on the calibration split (neither trained on nor chose the checkpoint) ...
+    assert recal["fit"]["n"] == (split["split"] == "calibration").sum() > 0
     assert metrics["n"] == (split["split"] == "test").sum()         # ... scored on test
     before = recal["before"]["regression_to_mean"]["slope"]
     after = recal["after"]["regression_to_mean"]["slope"]
@@ -66,8 +68,8 @@ def test_evaluate_recalibrates_on_validation_and_scores_on_test(trained_run, tmp
     assert metrics["regression_to_mean"]["slope"] == pytest.approx(after)
     preds = pd.read_csv(tmp_path / "eval" / "predictions.csv", dtype={"id": str})
     assert {"predicted_uncorrected", "lower90", "upper90"} <= set(preds.columns)
-    assert "recalibrated (fitted on validation)" in proc.stdout
-    assert "Recalibration (fitted on the validation split)" in \
+    assert "recalibrated (fitted on the calibration split)" in proc.stdout
+    assert "Recalibration (fitted on the calibration split)" in \
         (tmp_path / "eval" / "report.html").read_text()
     saved = json.loads((run / "calibration.json").read_text())
     assert saved["slope"] == pytest.approx(recal["fit"]["slope"])
@@ -100,6 +102,26 @@ def test_recalibration_needs_a_held_out_split_and_a_fit(trained_run, tmp_path):
     split.loc[split["split"] == "test", "split"] = "train"
     split.to_csv(run / "split.csv", index=False)
     proc = cli_here(["evaluate", run, "--recalibrate"], check=False)
-    assert proc.returncode == 2 and "has neither to score it on" in proc.stderr
+    assert proc.returncode == 2 and "has neither" in proc.stderr
     proc = cli_here(["predict", "--model", run, "--recalibrate", "x.png"], check=False)
     assert proc.returncode == 2 and "no calibration stored" in proc.stderr
+
+
+def test_training_ends_with_the_runs_calibration(trained_run, tmp_path, bulk_dir):
+    """`boneage train` fits the run's correction and 90% interval on its calibration
+    split when it ends (here: one more epoch of a resumed run), for predict."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png",
+                                                                   "calibration.json"))
+    proc = cli_here(["train", "--resume", run, "--set", "train.epochs=7"])
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})
+    n = int((split["split"] == "calibration").sum())
+    saved = json.loads((run / "calibration.json").read_text())
+    assert saved["fitted_on"] == "calibration split" and saved["n"] == n
+    assert saved["half_width"] > 0 and saved["tta"] == 1 and saved["mc_samples"] == 0
+    assert f"calibration (calibration split, {n} images)" in proc.stdout
+    image = str(bulk_dir / "images" / f"{split.loc[split['split'] == 'test', 'id'].iloc[0]}.png")
+    out = pd.read_csv(io.StringIO(cli_here(["predict", "--model", run, "--recalibrate",
+                                            image]).stdout))
+    np.testing.assert_allclose(out["upper90"] - out["lower90"], 2 * saved["half_width"],
+                               atol=0.01)

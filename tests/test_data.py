@@ -172,6 +172,28 @@ def test_splits_are_deterministic_and_stratified(bulk_dir):
     assert set(r["split"]) == {"train", "val"} and abs((r["split"] == "val").sum() - 1211) <= 1
 
 
+def test_the_calibration_split_is_its_own_stratified_share(bulk_dir):
+    """The calibration split (fits a run's correction and interval) is cut after the
+    test split, which stays the same, and apart from training and validation; a table
+    too small for 20 calibration images trains on them instead."""
+    from boneage_keras.config import ConfigError, load_config
+
+    labels = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})
+    a = split_table(labels, "stratified", 0.1, 0.1, seed=3, calibration_fraction=0.05)
+    plain = split_table(labels, "stratified", 0.1, 0.1, seed=3)
+    counts = a["split"].value_counts()
+    assert abs(counts["calibration"] - 606) <= 1 and abs(counts["val"] - 1211) <= 1
+    assert (a["split"] == "test").tolist() == (plain["split"] == "test").tolist()
+    bins = data.age_bins(labels["boneage"].to_numpy())
+    share = pd.crosstab(bins, a["split"])
+    assert float((share["calibration"] - 0.05 * share.sum(axis=1)).abs().max()) <= 2
+    small = split_table(labels.head(300), "stratified", 0.1, 0.0, seed=3,
+                        calibration_fraction=0.05)
+    assert set(small["split"]) == {"train", "val"}
+    with pytest.raises(ConfigError, match="data.calibration_fraction"):
+        load_config("cpu-bench", ["data.calibration_fraction=0.5"])
+
+
 def test_the_selection_split_is_one_fixed_stratified_set_apart_from_training(bulk_dir):
     """Every recipe, seed and max_images of the same data is scored on the same 1,000
     images, each age decile and sex at its share, none of them trained on."""
@@ -185,7 +207,7 @@ def test_the_selection_split_is_one_fixed_stratified_set_apart_from_training(bul
     chosen = [set(s.loc[s["split"] == "selection", "id"]) for s in splits]
     assert len(chosen[0]) == 1000 and chosen[0] == chosen[1]
     for split in splits:
-        fitted = set(split.loc[split["split"].isin(["train", "val"]), "id"])
+        fitted = set(split.loc[split["split"].isin(["train", "val", "calibration"]), "id"])
         assert fitted and not fitted & chosen[0]
     assert (splits[1]["split"] != "selection").sum() == 500
     # every age-decile x sex stratum holds its share of the 1,000 to within two images;

@@ -75,7 +75,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def deploy(trained_run, tmp_path_factory):
-    """The trained run, recalibrated on its validation split and exported to ONNX
+    """The trained run, recalibrated on its calibration split and exported to ONNX
     (and .keras, for Grad-CAM)."""
     root = tmp_path_factory.mktemp("serve")
     run = root / "run"
@@ -271,7 +271,7 @@ def test_model_health_and_metrics_routes(server, deploy, images, tmp_path):
     assert card["notice"] == "research use only, not for diagnostic use"
     assert card["sha256"] == __import__("hashlib").sha256(
         (deploy / "model.onnx").read_bytes()).hexdigest()
-    assert card["calibration"]["fitted_on"] == "validation split"
+    assert card["calibration"]["fitted_on"] == "calibration split"
     assert card["model_json"]["image_size"] == 64 and "onnxruntime" in card["versions"]
     for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
         assert server.client.get(path).status_code == 200

@@ -427,9 +427,9 @@ def fuse_adam(optimizer: Any) -> Any:
     in and out), and the vectors (biases, batch-norm scales and offsets: two thirds of
     a ResNet's variables) as one flat tensor, their values and moments rebound to its
     slices once: the CPU kernel reads the step count once per tensor it is given, and
-    the gradients' concatenation is the one op added. Keras' update is kept elsewhere: other backends, AMSGrad,
-    gradient accumulation, variables not all float32, and inside torch.compile (which
-    fuses the foreach ops itself).
+    the gradients' concatenation is the one op added. Keras' update is kept elsewhere:
+    other backends, AMSGrad, gradient accumulation, variables not all float32, and
+    inside torch.compile (which fuses the foreach ops itself).
 
     Keras has no public hook for the update: this replaces the optimizer's
     ``_parallel_update_step`` (Keras 3.15's torch Adam; ``tests/test_backend.py``
@@ -444,7 +444,7 @@ def fuse_adam(optimizer: Any) -> Any:
 
     keras_update = optimizer._parallel_update_step
     count: list[int] = []        # the step this update makes, once read
-    packed: dict[tuple, list] = {}   # the vectors' ids -> value, moment, velocity flats
+    packed: list[Any] = [None, None]   # the vectors' ids; value, moment, velocity flats
 
     def update(grads, variables, learning_rate):
         values = [v.value for v in variables]
@@ -486,11 +486,10 @@ def fuse_adam(optimizer: Any) -> Any:
             key = tuple(id(variables[i]) for i in small)
             groups = ([values[i] for i in small], [moments[i] for i in small],
                       [velocities[i] for i in small])
-            flats = packed.get(key)
-            if flats is None or not all(_views_of(flat, group)
-                                        for flat, group in zip(flats, groups)):
-                packed.clear()
-                flats = packed[key] = [_pack(group) for group in groups]
+            if packed[0] != key or not all(_views_of(flat, group)
+                                           for flat, group in zip(packed[1], groups)):
+                packed[:] = [key, [_pack(group) for group in groups]]
+            flats = packed[1]
             values = [values[i] for i in big] + [flats[0]]
             moments = [moments[i] for i in big] + [flats[1]]
             velocities = [velocities[i] for i in big] + [flats[2]]

@@ -282,8 +282,7 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     if out_dir is None and len(runs) > 1:
         raise DataError("an ensemble of runs needs --out DIR for its evaluation.")
     name = first.name if len(runs) == 1 else f"ensemble of {len(runs)} runs"
-    cache_dir = cfg.data.cache_dir if cfg.data.use_cache else None
-    cached_data = (data_dir or cfg.data.data_dir) if cfg.data.use_cache else None
+    cached_data, cache_dir = _cache_of(cfg, data_dir)
     calibration = None
     if recalibrate:
         if evaluated not in ({"test"}, {"selection"}):
@@ -303,6 +302,14 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
                           if len(evaluated) == 1 else None)
 
 
+def _cache_of(cfg: Any, data_dir: str | Path | None) -> tuple[Any, Any]:
+    """(the data folder, the cache folder) a run's prepared cache is looked up with;
+    (None, None) where the run does not read a cache."""
+    if not cfg.data.use_cache:
+        return None, None
+    return data_dir or cfg.data.data_dir, cfg.data.cache_dir
+
+
 def calibration_split(splits: pd.Series) -> str:
     """The split a run's calibration is fitted on: its calibration split (held out from
     training and from choosing the checkpoint), else the validation split (which chose
@@ -317,13 +324,11 @@ def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
     split_csv = run / "split.csv"
     name = calibration_split(pd.read_csv(split_csv, dtype={"id": str})["split"])
     rows = _attach_paths(_split_rows(split_csv, name), data_dir or cfg.data.data_dir)
-    cached = (data_dir or cfg.data.data_dir) if cfg.data.use_cache else None
+    cached_data, cache_dir = _cache_of(cfg, data_dir)
     fit = predict_images(models if len(models) > 1 else models[0], rows["path"].tolist(),
                          rows["male"].to_numpy(), tta=tta, mc_samples=mc_samples,
-                         reader=reader_for(rows, cached, cfg.data.image_size,
-                                           geometry(cfg.data),
-                                           cfg.data.cache_dir if cfg.data.use_cache
-                                           else None))
+                         reader=reader_for(rows, cached_data, cfg.data.image_size,
+                                           geometry(cfg.data), cache_dir))
     calibration = fit_calibration(rows["boneage"].to_numpy(), fit.predicted, fit.std,
                                   fitted_on=f"{'validation' if name == 'val' else name} "
                                             "split")

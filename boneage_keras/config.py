@@ -103,6 +103,9 @@ class TrainConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
     loss: Literal["mae", "mse", "huber"] = "mae"
+    # training images weighted by (count of their 12-month age bin) ** -x, mean weight 1:
+    # rare ages (the youngest and oldest) count more; 0: off, 1: inverse frequency
+    age_balance: float = 0.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     cosine_period_epochs: int | None = None  # None: one decay over all epochs
     warmup_epochs: int = 0  # epoch k of the first N at k/N of the rate (N=1: one full-rate epoch)
@@ -298,6 +301,8 @@ def _validate(cfg: Config) -> None:
           t.learning_rate, "a number > 0")
     check(finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
           t.weight_decay, "a number >= 0")
+    check(finite(t.age_balance) and 0 <= t.age_balance <= 1, "train.age_balance",
+          t.age_balance, "0 <= x <= 1 (0: off, 1: inverse age-bin frequency)")
     check(finite(t.min_learning_rate) and 0 <= t.min_learning_rate < t.learning_rate,
           "train.min_learning_rate", t.min_learning_rate, "0 <= x < train.learning_rate")
     check(t.cosine_period_epochs is None or t.cosine_period_epochs >= 1,

@@ -36,6 +36,7 @@ AGE_GROUPS = ((0, 60), (61, 120), (121, 180), (181, 240))
 CACHE_DIRNAME = ".boneage-cache"   # prepared images and the decode record live here
 CACHE_ENV = "BONEAGE_CACHE_DIR"
 DECODED_RECORD = "decoded.csv"
+AGE_BALANCE_BIN_MONTHS = 12.0  # the bins of train.age_balance
 AGE_RANGE = (0.0, 240.0)   # months: the RSNA labels' range (config data.age_range)
 
 
@@ -304,6 +305,20 @@ def age_bins(ages: np.ndarray, n_bins: int = 10) -> np.ndarray:
 
 
 CALIBRATION_MIN_IMAGES = 20   # fewer: no calibration split (calibration.MIN_IMAGES)
+
+
+def age_balance_weights(ages: np.ndarray, power: float,
+                        bin_months: float = AGE_BALANCE_BIN_MONTHS) -> np.ndarray:
+    """Sample weights ``count(bin) ** -power`` over ``bin_months``-wide age bins of
+    ``ages`` themselves, scaled to mean 1 (all ones for ``power`` 0): with 1, every bin
+    weighs as much in the loss as any other, whatever its number of images."""
+    ages = np.asarray(ages, dtype=np.float64)
+    if power == 0 or not len(ages):
+        return np.ones(len(ages), np.float32)
+    bins = np.floor(ages / bin_months).astype(int)
+    _, inverse, counts = np.unique(bins, return_inverse=True, return_counts=True)
+    weights = counts[inverse].astype(np.float64) ** -power
+    return (weights / weights.mean()).astype(np.float32)
 
 
 def split_table(df: pd.DataFrame, method: str = "random", val_fraction: float = 0.1,

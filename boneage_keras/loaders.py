@@ -2,8 +2,9 @@
 
 Both decode with :func:`boneage_keras.images.load_image` (or a prepared cache's
 reader), batch, augment training batches only, and yield ``(image, boneage)`` or, with
-``model.use_sex``, ``({"image": image, "male": male}, boneage)``; images are float32
-0-255 of shape (batch, S, S, 1). Either one feeds ``model.fit`` on every backend.
+``model.use_sex``, ``({"image": image, "male": male}, boneage)``, training batches with a third element,
+the sample weights, where ``train.age_balance`` weights them (and in tf.data always);
+images are float32 0-255 of shape (batch, S, S, 1). Either one feeds ``model.fit`` on every backend.
 
 * ``tfdata`` needs TensorFlow (for input only on the torch and JAX backends: it is
   then kept off the GPU, see :func:`tensorflow_for_input`), and augments with the
@@ -42,6 +43,7 @@ from .augment import (
 )
 from .backend import importable, tensorflow_for_input
 from .config import Config, ConfigError, geometry
+from .data import age_balance_weights
 from .distribute import Replicas, shard
 from .extras import install_hint
 from .images import ImageError, decode_size, load_image
@@ -59,6 +61,12 @@ def _columns(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (df["path"].astype(str).to_numpy(),
             df["male"].astype(np.float32).to_numpy().reshape(-1, 1),
             df["boneage"].astype(np.float32).to_numpy())
+
+
+def _weights(labels: np.ndarray, cfg: Config, training: bool) -> np.ndarray:
+    """Each image's loss weight: ``train.age_balance``'s for training, else 1."""
+    power = cfg.train.age_balance if training else 0.0
+    return age_balance_weights(labels, power)
 
 
 class TolerantReader:
@@ -133,7 +141,8 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
                     start_epoch: int = 0) -> Any:
     """A batched, prefetched tf.data pipeline: parallel decode, then batch augmentation;
     batches are ``(inputs, boneage, weight)``, the weight 0 for an image that failed
-    to decode mid-run (see :class:`TolerantReader`), else 1.
+    to decode mid-run (see :class:`TolerantReader`), else 1 or, training with
+    ``train.age_balance``, its age bin's.
 
     ``reader(path, image_size, geometry, random_crop, center)`` gives one (S, S, 1)
     uint8 image:
@@ -148,6 +157,7 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     cropping = training and random_crop      # else the central window, as in evaluation
     side = decode_size(size, random_crop) if cropping else size
     paths, male, labels = _columns(df)
+    weights = _weights(labels, cfg, training)
 
     tolerant = TolerantReader(reader, cfg.data.max_unreadable)
     blank = np.zeros((side, side, 1), np.uint8)
@@ -156,13 +166,13 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
         image = tolerant(path.decode(), size, shape, random_crop, center=not cropping)
         return (blank, False) if image is None else (image, True)
 
-    def load(path, sex, label):
+    def load(path, sex, label, weight):
         image, ok = tf.numpy_function(decode, [path], (tf.uint8, tf.bool), stateful=False)
         image.set_shape((side, side, 1))
         ok.set_shape(())
-        return image, ok, sex, label
+        return image, tf.cast(ok, tf.float32) * weight, sex, label
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, male, labels))
+    ds = tf.data.Dataset.from_tensor_slices((paths, male, labels, weights))
     if training:
         ds = ds.shuffle(len(df), seed=layer_seed(cfg.train.seed, start_epoch),
                         reshuffle_each_iteration=True)
@@ -172,13 +182,13 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     use_sex = cfg.model.use_sex
     augment = augmenter.tf_function if training and augmenter is not None else None
 
-    def finish(images, ok, sex, labels, seed=None):
+    def finish(images, weight, sex, labels, seed=None):
         images = tf.cast(images, tf.float32)
         if augment is not None:
             images = augment(images, seed)
         # an image that failed to decode weighs 0 (filtering it out instead would hide
         # the epoch's length from fit)
-        return (*_pack(images, sex, labels, use_sex), tf.cast(ok, tf.float32))
+        return (*_pack(images, sex, labels, use_sex), weight)
 
     ds = ds.map(load, num_parallel_calls=parallel_calls())
     ds = ds.batch(cfg.train.batch_size)
@@ -212,6 +222,8 @@ class BoneAgeDataset(keras.utils.PyDataset):
         super().__init__(workers=cfg.data.workers, use_multiprocessing=False,
                          max_queue_size=max(4, 2 * cfg.data.workers), **kwargs)
         self.paths, self.male, self.labels = _columns(df)
+        self.weights = _weights(self.labels, cfg, training)
+        self.weighted = bool((self.weights != 1).any())
         self.cfg, self.training = cfg, training
         self.reader = TolerantReader(reader, cfg.data.max_unreadable)
         self.cropping = training and cfg.augment.random_crop  # else the central window
@@ -253,7 +265,8 @@ class BoneAgeDataset(keras.utils.PyDataset):
                           ).astype(np.float32)
         if self.augmenter is not None:
             images = self.augmenter.augment_batch(images, self.epoch, index)
-        return _pack(images, self.male[idx], self.labels[idx], self.cfg.model.use_sex)
+        batch = _pack(images, self.male[idx], self.labels[idx], self.cfg.model.use_sex)
+        return (*batch, self.weights[idx]) if self.weighted else batch
 
     def _read(self, i: int) -> np.ndarray | None:
         """Image ``i`` decoded (None if it failed, see :class:`TolerantReader`)."""
@@ -280,7 +293,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
             image = self._read(i)
             if image is not None:
                 images[j], male[j], labels[j], weights[j] = image, self.male[i], \
-                    self.labels[i], 1.0
+                    self.labels[i], self.weights[i]
         if self.augmenter is not None:   # each process its own draws
             images = self.augmenter.augment_batch(images, self.epoch,
                                                   index * r.processes + r.index)

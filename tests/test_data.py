@@ -8,6 +8,7 @@ from conftest import write_flat_dataset
 from boneage_keras import data
 from boneage_keras.data import (
     DataError,
+    age_balance_weights,
     clean_table,
     find_layout,
     load_dataset,
@@ -231,3 +232,11 @@ def test_age_groups():
     groups = data.assign_age_group(np.array([0, 60, 60.5, 61, 120, 121, 180, 181, 240, 250]))
     assert groups.tolist() == ["0-60", "0-60", "61-120", "61-120", "61-120", "121-180",
                                "121-180", "181-240", "181-240", "181-240"]
+
+
+def test_age_balance_weights_soften_with_the_power():
+    ages = np.array([3.0] * 4 + [150.0, 155.0] * 8)     # 4 in one 12-month bin, 16 in another
+    np.testing.assert_array_equal(age_balance_weights(ages, 0.0), 1.0)
+    half = age_balance_weights(ages, 0.5)
+    assert half.mean() == pytest.approx(1.0)
+    assert half[0] / half[-1] == pytest.approx(2.0)      # sqrt(16 / 4)

@@ -5,6 +5,7 @@ that fails to decode mid-run, up to a limit."""
 import logging
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from boneage_keras.augment import build_augmenter
@@ -127,3 +128,28 @@ def test_tfdata_augmentation_does_not_depend_on_a_dropped_pass(bulk_dir):
         np.testing.assert_array_equal(a, b)
     # a new pass draws anew: the second pass is not the first again
     assert not any(np.array_equal(a, b) for a, b in zip(whole, second))
+
+
+@pytest.mark.parametrize("loader", ["tfdata", "pydataset"])
+def test_age_balance_weights_training_batches_by_their_age_bins_only(bulk_dir, loader):
+    cfg = load_config("configs/default.yaml", [f"data.image_size={SIZE}", "train.batch_size=64",
+                                               f"data.loader={loader}", "augment.engine=keras",
+                                               "train.age_balance=1"])
+    table = load_dataset(bulk_dir, check_images=False)[0]
+    # 50 children of 13-14 years and 5 infants: the infants' bin is ten times rarer
+    table = pd.concat([table[table["boneage"].between(156, 167)].head(50),
+                       table[table["boneage"] < 12].head(5)]).reset_index(drop=True)
+    if loader == "tfdata":
+        batch = next(iter(make_tf_dataset(table, cfg, training=True)))
+        ages, weights = batch[1].numpy(), batch[2].numpy()
+        val_weights = next(iter(make_tf_dataset(table, cfg, training=False)))[2].numpy()
+    else:
+        ages, weights = BoneAgeDataset(table, cfg, training=True)[0][1:]
+        assert len(BoneAgeDataset(table, cfg, training=False)[0]) == 2   # no weights
+        val_weights = np.ones(1)
+    infant = ages < 12
+    assert infant.sum() == 5 and len(ages) == 55
+    # each bin weighs the same in all: 5 infants x w = 50 others x v, mean weight 1
+    np.testing.assert_allclose(weights[infant], 5.5, rtol=1e-5)
+    np.testing.assert_allclose(weights[~infant], 0.55, rtol=1e-5)
+    np.testing.assert_array_equal(val_weights, 1.0)

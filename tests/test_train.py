@@ -139,7 +139,7 @@ def test_a_failed_command_frees_its_tf_data_iterator_before_exit(tmp_path):
     script = tmp_path / "fails.py"
     script.write_text(FAILS_HOLDING_AN_ITERATOR)
     proc = subprocess.run([sys.executable, str(script), str(REPO)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: stopped with a tf.data iterator alive" in proc.stderr
     assert "iterators alive at exit: 0" in proc.stderr, proc.stderr[-2000:]

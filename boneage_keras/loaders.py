@@ -2,9 +2,10 @@
 
 Both decode with :func:`boneage_keras.images.load_image` (or a prepared cache's
 reader), batch, augment training batches only, and yield ``(image, boneage)`` or, with
-``model.use_sex``, ``({"image": image, "male": male}, boneage)``, training batches with a third element,
-the sample weights, where ``train.age_balance`` weights them (and in tf.data always);
-images are float32 0-255 of shape (batch, S, S, 1). Either one feeds ``model.fit`` on every backend.
+``model.use_sex``, ``({"image": image, "male": male}, boneage)``, plus a third element,
+the sample weights, in tf.data always and in the PyDataset where ``train.age_balance``
+weights training images; images are float32 0-255 of shape (batch, S, S, 1). Either
+one feeds ``model.fit`` on every backend.
 
 * ``tfdata`` needs TensorFlow (for input only on the torch and JAX backends: it is
   then kept off the GPU, see :func:`tensorflow_for_input`), and augments with the

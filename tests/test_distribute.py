@@ -21,6 +21,7 @@ import pytest
 from conftest import REPO, backend_env
 
 from boneage_keras.config import ConfigError, geometry, load_config
+from boneage_keras.data import age_balance_weights
 from boneage_keras.distribute import Replicas, shard
 from boneage_keras.images import load_image
 from boneage_keras.loaders import BoneAgeDataset
@@ -86,6 +87,10 @@ def test_every_image_once_per_epoch_over_the_processes(bulk_dir, processes):
     cfg = load_config("cpu-bench", ["data.image_size=32", "train.batch_size=8",
                                     "augment.horizontal_flip=false", "model.use_sex=false"])
     for training in (True, False):
+        # training images carry the recipe's age-bin weights (mean 1), validation's are 1
+        expected = age_balance_weights(table["boneage"].to_numpy(),
+                                       cfg.train.age_balance if training else 0.0)
+        assert (np.ptp(expected) > 0) == training
         seen, weights, orders = [], 0.0, []
         for index in range(processes):
             data = BoneAgeDataset(table, cfg, training=training,
@@ -102,7 +107,8 @@ def test_every_image_once_per_epoch_over_the_processes(bulk_dir, processes):
                         if pos < 0:
                             assert w[row] == 0 and not images[row].any()
                             continue
-                        assert w[row] == 1 and labels[row] == table["boneage"].iloc[pos]
+                        assert w[row] == expected[pos]
+                        assert labels[row] == table["boneage"].iloc[pos]
                         if epoch == 0:
                             seen.append(int(pos))
                     weights += float(w.sum())
@@ -111,7 +117,7 @@ def test_every_image_once_per_epoch_over_the_processes(bulk_dir, processes):
                         np.testing.assert_array_equal(
                             images[0], load_image(table["path"].iloc[first], 32, geometry(cfg.data)))
         assert sorted(seen) == list(range(37))          # each image exactly once
-        assert weights == 2 * 37
+        assert weights == pytest.approx(2 * 37)
         if training:   # a new shuffle each epoch, the same on every process
             assert not np.array_equal(orders[0], orders[1])
             assert np.array_equal(orders[0], orders[2])

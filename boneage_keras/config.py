@@ -91,6 +91,9 @@ class ModelConfig:
     standardize: bool = False  # each image to the same mean and spread, in the model
     width: float = 1.0  # ResNet18's channels scaled (0.5: 32-64-128-256); others: 1 only
     stem_pool: bool = True  # ResNet18's stem max-pool; false: stages at twice the resolution
+    # the head predicts probabilities over 1-month bins spanning data.age_range and
+    # returns their expected age (false: one linear output scaled to months)
+    age_distribution: bool = False
 
 
 @dataclass
@@ -102,7 +105,12 @@ class TrainConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
-    loss: Literal["mae", "mse", "huber"] = "mae"
+    # ldl: label-distribution learning (needs model.age_distribution): KL divergence
+    # from a Gaussian of ldl_sigma months around the true age, plus ldl_l1_weight x
+    # the expected age's absolute error in years
+    loss: Literal["mae", "mse", "huber", "ldl"] = "mae"
+    ldl_sigma: float = 8.0
+    ldl_l1_weight: float = 1.0
     # training images weighted by (count of their 12-month age bin) ** -x, mean weight 1:
     # rare ages (the youngest and oldest) count more; 0: off, 1: inverse frequency
     age_balance: float = 0.0
@@ -295,6 +303,13 @@ def _validate(cfg: Config) -> None:
     check(m.stem_pool or m.backbone == "resnet18", "model.stem_pool", m.stem_pool,
           "true unless model.backbone is resnet18 (the Keras applications have a fixed stem)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
+    check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
+          "mae, mse or huber unless model.age_distribution is true (ldl learns the "
+          "distribution that head predicts: set model.age_distribution=true)")
+    check(finite(t.ldl_sigma) and t.ldl_sigma > 0, "train.ldl_sigma", t.ldl_sigma,
+          "a number of months > 0")
+    check(finite(t.ldl_l1_weight) and t.ldl_l1_weight >= 0, "train.ldl_l1_weight",
+          t.ldl_l1_weight, "a number >= 0 (0: the KL divergence alone)")
     check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
     check(finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",

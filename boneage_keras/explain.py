@@ -61,7 +61,7 @@ class _CamParts:
         self.features = keras.Model(backbone.inputs, conv.output)
         self.pool = backbone.layers[-1]
         self.head = [model.get_layer(name) for name in
-                     ("head_dense", "head_dropout", "head_out", "boneage")
+                     ("head_dense", "head_dropout", "head_out", "age_distribution", "boneage")
                      if any(layer.name == name for layer in model.layers)]
 
     def months(self, feature_map: Any, male: Any) -> Any:

@@ -10,6 +10,9 @@
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
                                                         (activation: model.head_activation)
       -> Dense(1) -> LabelScale (x * std + mean)        float32 months
+      or, when model.age_distribution:
+      -> Dense(K) -> Softmax -> AgeExpectation          K 1-month bins over
+                                                        data.age_range; their mean age
 
 Grayscale and ImageNet weights: the gray channel is repeated three times, so the
 pretrained first convolution sees exactly what it was trained on (a gray photo) and
@@ -21,6 +24,7 @@ names) for ``predict``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -123,6 +127,33 @@ class LabelScale(layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class AgeExpectation(layers.Layer):
+    """Probabilities over 1-month age bins ``low``, ``low + 1``, ..., ``high`` months ->
+    their expected age in months, shape (batch, 1)."""
+
+    def __init__(self, low: int = 0, high: int = 240, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.low, self.high = int(low), int(high)
+
+    def call(self, probs):
+        centers = ops.arange(self.low, self.high + 1, dtype="float32")
+        return ops.sum(ops.cast(probs, "float32") * centers, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "low": self.low, "high": self.high}
+
+
+def distribution_bins(cfg: Config) -> tuple[int, int]:
+    """The first and last 1-month bin of ``model.age_distribution``: data.age_range
+    widened to whole months."""
+    low, high = cfg.data.age_range
+    return math.floor(low), math.ceil(high)
 
 
 @keras.saving.register_keras_serializable(package="boneage_keras")
@@ -297,9 +328,18 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
         x = layers.Dense(m.head_units, activation=m.head_activation, name="head_dense")(x)
         if m.dropout:
             x = layers.Dropout(m.dropout, name="head_dropout")(x)
-    # Zero-initialised: an untrained model predicts the training mean.
-    x = layers.Dense(1, kernel_initializer="zeros", dtype="float32", name="head_out")(x)
-    months = LabelScale(label_mean, label_std, dtype="float32", name="boneage")(x)
+    if m.age_distribution:
+        # zero-initialised: an untrained model predicts every bin alike (the range's
+        # middle)
+        low, high = distribution_bins(cfg)
+        x = layers.Dense(high - low + 1, kernel_initializer="zeros", dtype="float32",
+                         name="head_out")(x)
+        x = layers.Softmax(dtype="float32", name="age_distribution")(x)
+        months = AgeExpectation(low, high, dtype="float32", name="boneage")(x)
+    else:
+        # zero-initialised: an untrained model predicts the training mean
+        x = layers.Dense(1, kernel_initializer="zeros", dtype="float32", name="head_out")(x)
+        months = LabelScale(label_mean, label_std, dtype="float32", name="boneage")(x)
     return keras.Model(inputs, months, name=f"boneage_{m.backbone}")
 
 

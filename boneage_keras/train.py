@@ -55,8 +55,9 @@ from .distribute import setup as setup_replicas
 from .errors import BoneAgeError
 from .files import TMP_MARK, forbid_writes, write_csv, write_json, write_text
 from .inputs import IMAGE
+from .losses import LabelDistributionTrainer
 from .metrics import ToleranceAccuracy
-from .model import build_model
+from .model import build_model, distribution_bins
 from .plots import plot_curves
 from .rundir import (
     RunDirError,
@@ -133,8 +134,9 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
     """Compile with the configured optimizer, loss, MAE/RMSE/tolerance-accuracy metrics."""
+    # ldl: the model's own compute_loss (LabelDistributionTrainer)
     loss = {"mae": "mean_absolute_error", "mse": "mean_squared_error",
-            "huber": keras.losses.Huber(delta=12.0)}[cfg.train.loss]
+            "huber": keras.losses.Huber(delta=12.0), "ldl": None}[cfg.train.loss]
     model.compile(
         optimizer=make_optimizer(cfg),
         loss=loss,
@@ -155,7 +157,12 @@ def create_model(cfg: Config, train_df: pd.DataFrame,
     labels = train_df["boneage"].to_numpy(dtype=np.float64)
     mean, std = float(labels.mean()), float(labels.std() or 1.0)
     with replicas.scope():
-        model = compile_model(build_model(cfg, mean, std), cfg)
+        model = build_model(cfg, mean, std)
+        if cfg.train.loss == "ldl":
+            low, high = distribution_bins(cfg)
+            model = LabelDistributionTrainer(model, low, high, cfg.train.ldl_sigma,
+                                             cfg.train.ldl_l1_weight)
+        model = compile_model(model, cfg)
     with replicas.local_scope():
         twin = build_model(cfg, mean, std)
     return model, twin

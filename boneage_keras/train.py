@@ -133,7 +133,13 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
 
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
-    """Compile with the configured optimizer, loss, MAE/RMSE/tolerance-accuracy metrics."""
+    """Compile with the configured optimizer, loss, MAE/RMSE/tolerance-accuracy metrics.
+    With ``train.loss: ldl`` the compiled model is a :class:`LabelDistributionTrainer`
+    around ``model`` (the same layers and weights)."""
+    if cfg.train.loss == "ldl" and not isinstance(model, LabelDistributionTrainer):
+        t = cfg.train
+        model = LabelDistributionTrainer(model, *distribution_bins(cfg), t.ldl_sigma,
+                                         t.ldl_l1_weight)
     # ldl: the model's own compute_loss (LabelDistributionTrainer)
     loss = {"mae": "mean_absolute_error", "mse": "mean_squared_error",
             "huber": keras.losses.Huber(delta=12.0), "ldl": None}[cfg.train.loss]
@@ -157,12 +163,7 @@ def create_model(cfg: Config, train_df: pd.DataFrame,
     labels = train_df["boneage"].to_numpy(dtype=np.float64)
     mean, std = float(labels.mean()), float(labels.std() or 1.0)
     with replicas.scope():
-        model = build_model(cfg, mean, std)
-        if cfg.train.loss == "ldl":
-            low, high = distribution_bins(cfg)
-            model = LabelDistributionTrainer(model, low, high, cfg.train.ldl_sigma,
-                                             cfg.train.ldl_l1_weight)
-        model = compile_model(model, cfg)
+        model = compile_model(build_model(cfg, mean, std), cfg)
     with replicas.local_scope():
         twin = build_model(cfg, mean, std)
     return model, twin

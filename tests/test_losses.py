@@ -65,7 +65,7 @@ def test_ldl_learns_real_images_and_saves_a_months_model(bulk_dir, tmp_path):
     from boneage_keras.export import keras_onnx
     from boneage_keras.images import load_image
     from boneage_keras.losses import LabelDistributionTrainer
-    from boneage_keras.model import build_model, distribution_bins, load_model
+    from boneage_keras.model import build_model, load_model
     from boneage_keras.train import compile_model
 
     table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:32]
@@ -77,9 +77,8 @@ def test_ldl_learns_real_images_and_saves_a_months_model(bulk_dir, tmp_path):
                                     "train.loss=ldl", "train.learning_rate=0.003"])
     keras.utils.set_random_seed(0)
     age_model = build_model(cfg, float(ages.mean()), float(ages.std()))
-    trainer = compile_model(LabelDistributionTrainer(age_model, *distribution_bins(cfg),
-                                                     cfg.train.ldl_sigma,
-                                                     cfg.train.ldl_l1_weight), cfg)
+    trainer = compile_model(age_model, cfg)
+    assert isinstance(trainer, LabelDistributionTrainer)
     x = {"image": images, "male": male}
     steps = [trainer.train_on_batch(x, ages, return_dict=True) for _ in range(12)]
     first, after = steps[0], steps[-1]

@@ -96,9 +96,9 @@ def test_ldl_learns_real_images_and_saves_a_months_model(bulk_dir, tmp_path):
     assert len(loaded.outputs) == 1
     assert np.allclose(loaded.predict(x, verbose=0), months, atol=1e-4)
     keras_onnx(tmp_path / "best.keras", tmp_path / "model.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
-    names = [i.name for i in session.get_inputs()]
-    onnx_months = session.run(None, dict(zip(names, (images, male))))[0]
+    runtime = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    names = [i.name for i in runtime.get_inputs()]
+    onnx_months = runtime.run(None, dict(zip(names, (images, male))))[0]
     assert np.allclose(onnx_months.ravel(), months.ravel(), atol=1e-2)
 
     # a zero weight removes an image: the loss equals the loss without it, rescaled

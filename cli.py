@@ -349,10 +349,9 @@ def export(source, formats, out_dir, overwrite) -> None:
               help="Most images per model run.")
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=2.0, show_default=True,
               help="How long a model run waits for more images after the first.")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="onnxruntime's intra-op threads (default: one per core).")
-@click.option("--spinning/--no-spinning", default=False, show_default=True,
-              help="Let onnxruntime's idle threads spin (takes cores from decoding).")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="onnxruntime's intra-op threads per model run (more: idle ones spin, "
+                   "taking cores from decoding).")
 @click.option("--tta", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Test-time augmentation views per image (a request may ask another).")
 @click.option("--queue-limit", type=click.IntRange(0), default=64, show_default=True,
@@ -362,7 +361,7 @@ def export(source, formats, out_dir, overwrite) -> None:
 @click.option("--stall-limit-s", type=click.FloatRange(0, min_open=True), default=30.0,
               show_default=True, help="An upload silent this long is dropped (408).")
 def serve(model_paths, host, port, token_file, max_upload_mb, max_batch, max_wait_ms,
-          threads, spinning, tta, queue_limit, wait_limit_s, stall_limit_s) -> None:
+          threads, tta, queue_limit, wait_limit_s, stall_limit_s) -> None:
     """Serve exported models over HTTP: a REST API and a web page (onnxruntime only)."""
     _setup_logging(False)
     from boneage_keras.extras import require
@@ -375,7 +374,7 @@ def serve(model_paths, host, port, token_file, max_upload_mb, max_batch, max_wai
     run_server(list(model_paths), host, port, token_file,
                ServeOptions(max_upload_mb=max_upload_mb, max_batch=max_batch,
                             max_wait_ms=max_wait_ms, threads=threads,
-                            spinning=spinning, tta=tta, queue_limit=queue_limit,
+                            tta=tta, queue_limit=queue_limit,
                             wait_limit_s=wait_limit_s, stall_limit_s=stall_limit_s))
 
 

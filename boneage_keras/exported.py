@@ -31,10 +31,10 @@ class ModelFileError(BoneAgeError, ValueError):
 class OnnxPredictor:
     """An exported ONNX model in onnxruntime."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], threads: int | None = None,
-                 spinning: bool | None = None) -> None:
-        """``threads``: onnxruntime's intra-op threads (default: its own choice);
-        ``spinning``: whether idle intra-op threads spin (default: onnxruntime's)."""
+    def __init__(self, path: Path, meta: dict[str, Any],
+                 threads: int | None = None) -> None:
+        """``threads``: onnxruntime's intra-op threads (default: its own choice, one per
+        core, whose idle threads spin)."""
         try:
             import onnxruntime
         except ImportError:
@@ -45,9 +45,6 @@ class OnnxPredictor:
             options = onnxruntime.SessionOptions()
             if threads is not None:
                 options.intra_op_num_threads = threads
-            if spinning is not None:
-                options.add_session_config_entry("session.intra_op.allow_spinning",
-                                                 "1" if spinning else "0")
             self.runtime = onnxruntime.InferenceSession(str(path), options)
         except Exception as err:  # noqa: BLE001 (onnxruntime raises its own types)
             raise ModelFileError(f"{path} is not a readable ONNX model "

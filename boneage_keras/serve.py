@@ -78,8 +78,7 @@ class ServeOptions:
     max_upload_mb: float = 32.0
     max_batch: int = 8
     max_wait_ms: float = 2.0
-    threads: int | None = None
-    spinning: bool = False
+    threads: int = 1   # onnxruntime intra-op threads: one leaves the cores to decoding
     tta: int = 1
     decode_threads: int = 2
     queue_limit: int = 64         # images waiting for the model; more are refused (503)
@@ -108,16 +107,14 @@ def find_onnx(path: str | Path) -> Path:
 class ServedModel:
     """The ONNX members of one served model, their model.json and calibration."""
 
-    def __init__(self, paths: Sequence[str | Path], threads: int | None = None,
-                 spinning: bool = False) -> None:
+    def __init__(self, paths: Sequence[str | Path], threads: int | None = None) -> None:
         if not paths:
             raise ModelFileError("serve: no model given; pass --model EXPORT_DIR.")
         self.members: list[OnnxPredictor] = []
         self.files: list[Path] = []
         for path in paths:
             onnx = find_onnx(path)
-            self.members.append(OnnxPredictor(onnx, export_meta(onnx), threads=threads,
-                                              spinning=spinning))
+            self.members.append(OnnxPredictor(onnx, export_meta(onnx), threads=threads))
             self.files.append(onnx)
         self.meta = export_meta(self.files[0])
         self.member_sha256 = [file_sha256(f) for f in self.files]

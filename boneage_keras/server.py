@@ -414,7 +414,7 @@ def run_server(model_paths: Sequence[str | Path], host: str = "127.0.0.1",
 
     options = options or ServeOptions()
     token = read_token(token_file, host)
-    model = ServedModel(model_paths, threads=options.threads, spinning=options.spinning)
+    model = ServedModel(model_paths, threads=options.threads)
     predictor = Predictor(model, options)
     app = create_app(predictor, token)
     scheme_host = f"[{host}]" if ":" in host else host

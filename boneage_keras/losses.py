@@ -51,15 +51,17 @@ class LabelDistributionTrainer(keras.Model):
     mean over the batch), and the compiled metrics see the months only.
 
     Its weights are the age model's, in the same order, so ``age_model.set_weights(
-    trainer.get_weights())`` copies a trained state back.
+    trainer.get_weights())`` copies a trained state back. The bins are the age model's
+    own (its ``AgeExpectation`` layer, named ``boneage``).
     """
 
-    def __init__(self, age_model: keras.Model, low: int, high: int, sigma: float,
-                 l1_weight: float, **kwargs: Any) -> None:
+    def __init__(self, age_model: keras.Model, sigma: float, l1_weight: float,
+                 **kwargs: Any) -> None:
         logits = age_model.get_layer("head_out").output
         super().__init__(age_model.inputs, [age_model.outputs[0], logits],
                          name=age_model.name, **kwargs)
-        self.low, self.high = low, high
+        expectation = age_model.get_layer("boneage")
+        self.low, self.high = expectation.low, expectation.high
         self.sigma, self.l1_weight = float(sigma), float(l1_weight)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,

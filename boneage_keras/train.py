@@ -57,7 +57,7 @@ from .files import TMP_MARK, forbid_writes, write_csv, write_json, write_text
 from .inputs import IMAGE
 from .losses import LabelDistributionTrainer
 from .metrics import ToleranceAccuracy
-from .model import build_model, distribution_bins
+from .model import build_model
 from .plots import plot_curves
 from .rundir import (
     RunDirError,
@@ -138,8 +138,7 @@ def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
     around ``model`` (the same layers and weights)."""
     if cfg.train.loss == "ldl" and not isinstance(model, LabelDistributionTrainer):
         t = cfg.train
-        model = LabelDistributionTrainer(model, *distribution_bins(cfg), t.ldl_sigma,
-                                         t.ldl_l1_weight)
+        model = LabelDistributionTrainer(model, t.ldl_sigma, t.ldl_l1_weight)
     # ldl: the model's own compute_loss (LabelDistributionTrainer)
     loss = {"mae": "mean_absolute_error", "mse": "mean_squared_error",
             "huber": keras.losses.Huber(delta=12.0), "ldl": None}[cfg.train.loss]

@@ -3,10 +3,11 @@
 Everything that differs per backend lives here: which devices it computes on, whether
 it has a GPU, which mixed-precision policy fits the hardware, compiled steps, gradients
 (Grad-CAM), no-grad blocks, fused batch normalization on torch, synchronisation and
-peak memory (bench), where ONNX comes from, and the one private Keras attribute the
-package touches. TensorFlow is imported
-for input or export only: quietly, and with the GPU hidden from it when the backend is
-torch or JAX, so it never takes GPU memory or a CUDA context from them.
+peak memory (bench), where ONNX comes from, and every private Keras attribute the
+package touches (each in one function, with a test that fails when Keras changes it).
+TensorFlow is imported for input or export only: quietly, and with the GPU hidden
+from it when the backend is torch or JAX, so it never takes GPU memory or a CUDA
+context from them.
 """
 
 from __future__ import annotations
@@ -542,3 +543,18 @@ def substituted_values(variables: list[Any], values: list[Any]) -> Iterator[None
     finally:
         for v, value in zip(variables, saved):
             v._value = value
+
+
+def moving_averages(optimizer: Any) -> list[tuple[Any, Any]]:
+    """(trained variable, its exponential moving average) pairs of an optimizer built
+    with ``use_ema=True``, in the order the optimizer updates them.
+
+    Keras keeps the averages for ``SwapEMAWeights`` and ``finalize_variable_values``
+    but has no public way to read them: this reads the optimizer's
+    ``_trainable_variables`` and ``_model_variables_moving_average`` (Keras 3.15;
+    ``tests/test_backend.py`` fails when a Keras release renames them).
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)   # a LossScaleOptimizer's
+    return [(v, a) for v, a in zip(inner._trainable_variables,
+                                   inner._model_variables_moving_average, strict=True)
+            if a is not None]

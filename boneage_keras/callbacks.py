@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from .backend import moving_averages
 from .distribute import Replicas
 from .errors import BoneAgeError
 from .files import replacing, write_csv, write_json
@@ -115,6 +116,57 @@ class RefreshBatchNorm(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None) -> None:
         refresh_batchnorm(self.model, self.batches)
+
+
+class AveragedWeights:
+    """With ``train.ema_decay``: validation, the batch-norm refresh before it,
+    ``best.keras`` and ``last.keras`` see the optimizer's exponential moving average of
+    the weights; training and ``backup/`` (the resumable state, whose optimizer state
+    holds the averages) see the trained weights.
+
+    ``use_average`` (listed before :class:`RefreshBatchNorm`) puts the averages in the
+    model when validation begins, or at the epoch's end without one; ``use_trained``
+    (listed between :class:`SaveModels` and :class:`SaveState`) puts the trained
+    weights back at the epoch's end. Keras' ``SwapEMAWeights`` cannot do both: with
+    ``swap_on_epoch`` the resumable state would hold the weights swapped.
+    """
+
+    def __init__(self) -> None:
+        self.trained: list[np.ndarray] | None = None
+        self.use_average = _Hook(self._average, on_test_begin=True, on_epoch_end=True)
+        self.use_trained = _Hook(self._trained, on_epoch_end=True)
+
+    def _average(self, model: keras.Model) -> None:
+        if self.trained is not None:
+            return
+        pairs = moving_averages(model.optimizer)
+        self.trained = [keras.ops.convert_to_numpy(v) for v, _ in pairs]
+        for variable, average in pairs:
+            variable.assign(average)
+
+    def _trained(self, model: keras.Model) -> None:
+        if self.trained is None:
+            return
+        for (variable, _), value in zip(moving_averages(model.optimizer), self.trained):
+            variable.assign(value)
+        self.trained = None
+
+
+class _Hook(keras.callbacks.Callback):
+    """Calls ``action(model)`` at the named callback points."""
+
+    def __init__(self, action, on_test_begin: bool = False,
+                 on_epoch_end: bool = False) -> None:
+        super().__init__()
+        self.action, self.at_test, self.at_epoch = action, on_test_begin, on_epoch_end
+
+    def on_test_begin(self, logs=None) -> None:
+        if self.at_test:
+            self.action(self.model)
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if self.at_epoch:
+            self.action(self.model)
 
 
 class BestEpoch(keras.callbacks.Callback):

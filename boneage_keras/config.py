@@ -123,6 +123,10 @@ class TrainConfig:
     # this many batches of (unaugmented) training images with the weights as they are:
     # the moving averages lag fast-changing weights (0: off; one replica only)
     bn_refresh_batches: int = 8
+    # validation, best.keras and last.keras use an exponential moving average of the
+    # weights, updated every step with this decay (0.999: about the last 1,000 steps);
+    # None: off (the weights as trained)
+    ema_decay: float | None = None
     tolerance_months: float = 12.0
     steps_per_epoch: int | None = None
     mixed_precision: bool = False
@@ -310,6 +314,10 @@ def _validate(cfg: Config) -> None:
           "a number of months > 0")
     check(finite(t.ldl_l1_weight) and t.ldl_l1_weight >= 0, "train.ldl_l1_weight",
           t.ldl_l1_weight, "a number >= 0 (0: the KL divergence alone)")
+    check(t.ema_decay is None or (finite(t.ema_decay) and 0 < t.ema_decay < 1),
+          "train.ema_decay", t.ema_decay, "null (off) or a number 0 < x < 1 such as 0.999")
+    check(t.ema_decay is None or cfg.distribute.strategy == "none", "train.ema_decay",
+          t.ema_decay, "null with distribute.strategy data_parallel (one replica only)")
     check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
     check(finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",

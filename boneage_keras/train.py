@@ -30,6 +30,7 @@ from .backend import devices, fuse_adam, jit_setting, mixed_precision_policy
 from .cache import reader_for
 from .callbacks import (
     MONITOR,
+    AveragedWeights,
     BestEpoch,
     HistoryCSV,
     NonFiniteLoss,
@@ -125,11 +126,13 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
     t = cfg.train
     decay = t.weight_decay or None
     lr = effective_learning_rate(cfg)
+    # train.ema_decay: Keras keeps the moving average (callbacks.AveragedWeights uses it)
+    ema = {"use_ema": True, "ema_momentum": t.ema_decay} if t.ema_decay else {}
     if t.optimizer == "adamw":
-        return fuse_adam(keras.optimizers.AdamW(lr, weight_decay=t.weight_decay))
+        return fuse_adam(keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, **ema))
     if t.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=decay)
-    return fuse_adam(keras.optimizers.Adam(lr, weight_decay=decay))
+        return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=decay, **ema)
+    return fuse_adam(keras.optimizers.Adam(lr, weight_decay=decay, **ema))
 
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
@@ -233,15 +236,19 @@ def create_callbacks(cfg: Config, run_dir: Path, model: keras.Model, twin: keras
                      state: dict[str, Any] | None, replicas: Replicas,
                      train_df: pd.DataFrame,
                      reader: Callable[..., np.ndarray]) -> RunCallbacks:
-    """In order: the signal stop, the batch-norm refresh, the replicas' own, the
-    learning-rate schedule (before the writers, so history rows carry the rate), the
-    non-finite loss stop (before anything of an epoch is written), history, best epoch
-    and early stopping, the models, and the resumable state last."""
+    """In order: the signal stop, the moving average in (``train.ema_decay``), the
+    batch-norm refresh, the replicas' own, the learning-rate schedule (before the
+    writers, so history rows carry the rate), the non-finite loss stop (before anything
+    of an epoch is written), history, best epoch and early stopping, the models, the
+    trained weights back, and the resumable state last."""
     t = cfg.train
     state = state or {}
     callbacks: list[keras.callbacks.Callback] = []
     stopper = StopOnSignal()
     callbacks.append(stopper)
+    averaged = AveragedWeights() if t.ema_decay else None
+    if averaged:
+        callbacks.append(averaged.use_average)      # before the batch-norm refresh
     if t.bn_refresh_batches and not replicas.distributed:
         callbacks.append(RefreshBatchNorm(refresh_batches(train_df, cfg, reader)))
     callbacks += replicas.callbacks(model)
@@ -257,7 +264,10 @@ def create_callbacks(cfg: Config, run_dir: Path, model: keras.Model, twin: keras
                      state.get("wait", 0))
     saver = SaveState(run_dir, best, t.epochs, replicas)
     callbacks += [StopOnNonFiniteLoss(), history, best,
-                  SaveModels(run_dir, twin, best, replicas), saver]
+                  SaveModels(run_dir, twin, best, replicas)]
+    if averaged:
+        callbacks.append(averaged.use_trained)      # the resumable state: trained weights
+    callbacks.append(saver)
     return RunCallbacks(callbacks, stopper, best, history, saver)
 
 

@@ -116,6 +116,34 @@ def test_fused_adam_follows_keras_adam(optimizer_class, options, start_step):
     assert ops.get("aten::_fused_adam_") == 3 and "aten::_foreach_add_" not in ops, ops
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_moving_averages_are_the_optimizers_ema_of_each_step(fused):
+    """train.ema_decay reads Keras' moving averages through one private attribute
+    pair: this fails when Keras renames them or stops updating them after the (fused)
+    step. Keras starts the average at the first step's weights."""
+    import torch
+
+    from boneage_keras.backend import fuse_adam, moving_averages
+
+    variables = [keras.Variable(np.array([1.0, -2.0], "float32")),
+                 keras.Variable(np.array([[0.5]], "float32"))]
+    optimizer = keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.75)
+    if fused:
+        fuse_adam(optimizer)
+    optimizer.build(variables)
+    expected = None
+    for grads in ([[0.5, -0.1], [[1.0]]], [[0.2, 0.3], [[-1.0]]], [[0.1, 0.1], [[0.3]]]):
+        optimizer.apply([torch.tensor(g) for g in grads], variables)
+        now = [keras.ops.convert_to_numpy(v).copy() for v in variables]
+        expected = now if expected is None else [0.75 * e + 0.25 * n
+                                                 for e, n in zip(expected, now)]
+    pairs = moving_averages(optimizer)
+    assert [id(v) for v, _ in pairs] == [id(v) for v in variables]
+    for (_, average), want, latest in zip(pairs, expected, now):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(average), want, rtol=1e-6)
+        assert not np.allclose(want, latest)        # the average lags the weights
+
+
 def test_fused_adam_packs_vectors_and_keeps_kernels_in_their_memory():
     """A backbone's variables: conv kernels in OHWI memory (model.Conv) and many
     vectors. The fused update gives Keras' Adam's values, copies no kernel in or out,

@@ -73,12 +73,18 @@ def test_dotted_and_bare_overrides():
     ("model.width=0.5", ["model.width", "resnet18"]),          # default: ResNet50
     ("model.width=0", ["model.width", "0.125 <= x <= 4"]),
     ("model.stem_pool=false", ["model.stem_pool", "resnet18"]),  # default: ResNet50
+    ("train.ema_decay=1", ["train.ema_decay", "0 < x < 1"]),
 ])
 def test_bad_override_names_key_and_allowed(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(f"{CONFIGS}/default.yaml", [override])
     for word in words:
         assert word in str(err.value)
+
+
+def test_weight_average_needs_one_replica():
+    with pytest.raises(ConfigError, match="train.ema_decay.*one replica only"):
+        load_config("cpu-bench", ["distribute.strategy=data_parallel", "train.ema_decay=0.999"])
 
 
 def test_unknown_key_in_file(tmp_path):

@@ -217,6 +217,51 @@ def test_finished_run_is_refused_or_extended_explicitly(tmp_path, bulk_dir):
     assert "epochs: 2" in (run / "config.yaml").read_text()
 
 
+def test_weight_average_is_validated_and_saved_and_resume_keeps_trained_weights(
+        tmp_path, bulk_dir):
+    """train.ema_decay: the moving average is what validation scores and what
+    best.keras / last.keras hold; backup/ keeps the trained weights with the averages
+    in the optimizer state (not swapped: a resumed run trains on from the trained
+    weights), before and after a resume."""
+    from boneage_keras.backend import moving_averages
+    from boneage_keras.images import load_image
+    from boneage_keras.model import build_model, load_model
+    from boneage_keras.train import compile_model, read_state, resume, train
+
+    cfg = _tiny(bulk_dir, tmp_path, "run", "train.epochs=2", "train.ema_decay=0.9",
+                "train.early_stopping_patience=null", "train.learning_rate=0.01")
+    run = train(cfg, verbose=0).run_dir
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})
+    val = split[split["split"] == "val"]
+    x = np.stack([load_image(bulk_dir / "images" / f"{i}.png", 32) for i in val["id"]])
+
+    def check(epochs):
+        history = pd.read_csv(run / "history.csv")
+        assert history["epoch"].tolist() == list(range(epochs))
+        last = load_model(run / "last.keras")
+        mae = np.abs(last.predict(x, verbose=0).ravel() - val["boneage"].to_numpy()).mean()
+        assert mae == pytest.approx(history["val_mae"].iloc[-1], abs=0.05)  # saved = scored
+        model = compile_model(build_model(cfg), cfg)
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(run / "backup" / read_state(run)["weights"])
+        pairs = moving_averages(model.optimizer)
+        assert len(pairs) == len(last.trainable_weights)
+        for (_, average), saved in zip(pairs, last.trainable_weights):
+            np.testing.assert_allclose(keras_numpy(average), keras_numpy(saved), atol=1e-6)
+        # at 1e-2 the trained weights run ahead of their average
+        assert max(np.abs(keras_numpy(v) - keras_numpy(a)).max() for v, a in pairs) > 1e-3
+
+    check(2)
+    resume(run, ["train.epochs=3"], verbose=0)
+    check(3)
+
+
+def keras_numpy(value):
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
 def test_kill_while_a_checkpoint_is_written_leaves_the_previous_file(tmp_path, bulk_dir):
     """SIGKILL in the middle of writing epoch 2's checkpoints: the files of epoch 1
     stay complete, and the run resumes from there."""

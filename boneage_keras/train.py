@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from .backend import devices, fuse_adam, jit_setting, mixed_precision_policy
+from .backend import devices, fuse_adam, fuse_ema, jit_setting, mixed_precision_policy
 from .cache import reader_for
 from .callbacks import (
     MONITOR,
@@ -129,10 +129,12 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
     # train.ema_decay: Keras keeps the moving average (callbacks.AveragedWeights uses it)
     ema = {"use_ema": True, "ema_momentum": t.ema_decay} if t.ema_decay else {}
     if t.optimizer == "adamw":
-        return fuse_adam(keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, **ema))
-    if t.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=decay, **ema)
-    return fuse_adam(keras.optimizers.Adam(lr, weight_decay=decay, **ema))
+        optimizer = fuse_adam(keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, **ema))
+    elif t.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(lr, momentum=0.9, weight_decay=decay, **ema)
+    else:
+        optimizer = fuse_adam(keras.optimizers.Adam(lr, weight_decay=decay, **ema))
+    return fuse_ema(optimizer)
 
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:

@@ -119,29 +119,35 @@ def test_fused_adam_follows_keras_adam(optimizer_class, options, start_step):
 @pytest.mark.parametrize("fused", [False, True])
 def test_moving_averages_are_the_optimizers_ema_of_each_step(fused):
     """train.ema_decay reads Keras' moving averages through one private attribute
-    pair: this fails when Keras renames them or stops updating them after the (fused)
-    step. Keras starts the average at the first step's weights."""
+    pair (moving_averages) and, on torch, updates them in one fused op (fuse_ema, with
+    fuse_adam as training uses it): the averages follow Keras' definition step by step,
+    from the first step's weights. Fails when Keras renames the attributes or stops
+    updating through _update_model_variables_moving_average."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
-    from boneage_keras.backend import fuse_adam, moving_averages
+    from boneage_keras.backend import fuse_adam, fuse_ema, moving_averages
 
     variables = [keras.Variable(np.array([1.0, -2.0], "float32")),
                  keras.Variable(np.array([[0.5]], "float32"))]
     optimizer = keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.75)
     if fused:
-        fuse_adam(optimizer)
+        fuse_ema(fuse_adam(optimizer))
     optimizer.build(variables)
     expected = None
-    for grads in ([[0.5, -0.1], [[1.0]]], [[0.2, 0.3], [[-1.0]]], [[0.1, 0.1], [[0.3]]]):
-        optimizer.apply([torch.tensor(g) for g in grads], variables)
-        now = [keras.ops.convert_to_numpy(v).copy() for v in variables]
-        expected = now if expected is None else [0.75 * e + 0.25 * n
-                                                 for e, n in zip(expected, now)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for grads in ([[0.5, -0.1], [[1.0]]], [[0.2, 0.3], [[-1.0]]], [[0.1, 0.1], [[0.3]]]):
+            optimizer.apply([torch.tensor(g) for g in grads], variables)
+            now = [keras.ops.convert_to_numpy(v).copy() for v in variables]
+            expected = now if expected is None else [0.75 * e + 0.25 * n
+                                                     for e, n in zip(expected, now)]
     pairs = moving_averages(optimizer)
     assert [id(v) for v, _ in pairs] == [id(v) for v in variables]
     for (_, average), want, latest in zip(pairs, expected, now):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(average), want, rtol=1e-6)
         assert not np.allclose(want, latest)        # the average lags the weights
+    lerps = {e.key: e.count for e in prof.key_averages()}.get("aten::_foreach_lerp_", 0)
+    assert lerps == (3 if fused else 0)
 
 
 def test_fused_adam_packs_vectors_and_keeps_kernels_in_their_memory():

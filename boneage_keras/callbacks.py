@@ -121,8 +121,8 @@ class RefreshBatchNorm(keras.callbacks.Callback):
 class AveragedWeights:
     """With ``train.ema_decay``: validation, the batch-norm refresh before it,
     ``best.keras`` and ``last.keras`` see the optimizer's exponential moving average of
-    the weights; training and ``backup/`` (the resumable state, whose optimizer state
-    holds the averages) see the trained weights.
+    ``model``'s weights; training and ``backup/`` (the resumable state, whose optimizer
+    state holds the averages) see the trained weights.
 
     ``use_average`` (listed before :class:`RefreshBatchNorm`) puts the averages in the
     model when validation begins, or at the epoch's end without one; ``use_trained``
@@ -131,42 +131,29 @@ class AveragedWeights:
     ``swap_on_epoch`` the resumable state would hold the weights swapped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
         self.trained: list[np.ndarray] | None = None
-        self.use_average = _Hook(self._average, on_test_begin=True, on_epoch_end=True)
-        self.use_trained = _Hook(self._trained, on_epoch_end=True)
+        self.use_average = keras.callbacks.LambdaCallback(
+            on_test_begin=lambda logs=None: self._average(),
+            on_epoch_end=lambda epoch, logs=None: self._average())
+        self.use_trained = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs=None: self._trained())
 
-    def _average(self, model: keras.Model) -> None:
+    def _average(self) -> None:
         if self.trained is not None:
             return
-        pairs = moving_averages(model.optimizer)
+        pairs = moving_averages(self.model.optimizer)
         self.trained = [keras.ops.convert_to_numpy(v) for v, _ in pairs]
         for variable, average in pairs:
             variable.assign(average)
 
-    def _trained(self, model: keras.Model) -> None:
+    def _trained(self) -> None:
         if self.trained is None:
             return
-        for (variable, _), value in zip(moving_averages(model.optimizer), self.trained):
+        for (variable, _), value in zip(moving_averages(self.model.optimizer), self.trained):
             variable.assign(value)
         self.trained = None
-
-
-class _Hook(keras.callbacks.Callback):
-    """Calls ``action(model)`` at the named callback points."""
-
-    def __init__(self, action, on_test_begin: bool = False,
-                 on_epoch_end: bool = False) -> None:
-        super().__init__()
-        self.action, self.at_test, self.at_epoch = action, on_test_begin, on_epoch_end
-
-    def on_test_begin(self, logs=None) -> None:
-        if self.at_test:
-            self.action(self.model)
-
-    def on_epoch_end(self, epoch, logs=None) -> None:
-        if self.at_epoch:
-            self.action(self.model)
 
 
 class BestEpoch(keras.callbacks.Callback):

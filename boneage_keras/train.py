@@ -248,7 +248,7 @@ def create_callbacks(cfg: Config, run_dir: Path, model: keras.Model, twin: keras
     callbacks: list[keras.callbacks.Callback] = []
     stopper = StopOnSignal()
     callbacks.append(stopper)
-    averaged = AveragedWeights() if t.ema_decay else None
+    averaged = AveragedWeights(model) if t.ema_decay else None
     if averaged:
         callbacks.append(averaged.use_average)      # before the batch-norm refresh
     if t.bn_refresh_batches and not replicas.distributed:

@@ -91,6 +91,7 @@ class ModelConfig:
     standardize: bool = False  # each image to the same mean and spread, in the model
     width: float = 1.0  # ResNet18's channels scaled (0.5: 32-64-128-256); others: 1 only
     stem_pool: bool = True  # ResNet18's stem max-pool; false: stages at twice the resolution
+    stem_stride: int = 2  # ResNet18's stem convolution; 1 (with the pool): the 7x7 sees every pixel
     # the head predicts probabilities over 1-month bins spanning data.age_range and
     # returns their expected age (false: one linear output scaled to months)
     age_distribution: bool = False
@@ -306,6 +307,10 @@ def _validate(cfg: Config) -> None:
           "(the Keras applications have fixed widths)")
     check(m.stem_pool or m.backbone == "resnet18", "model.stem_pool", m.stem_pool,
           "true unless model.backbone is resnet18 (the Keras applications have a fixed stem)")
+    check(m.stem_stride in (1, 2) and (m.stem_stride == 2 or m.backbone == "resnet18"),
+          "model.stem_stride", m.stem_stride,
+          "1 or 2, and 2 unless model.backbone is resnet18 (the Keras applications have a "
+          "fixed stem)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
           "mae, mse or huber unless model.age_distribution is true (ldl learns the "

@@ -3,7 +3,8 @@
     image (S, S, 1) uint8-valued float 0-255
       -> GrayPreprocess   repeat to 3 channels + the backbone's ImageNet normalisation
       -> backbone         ResNet50 (default), ResNet18 (ours; model.width scales its
-                          channels, model.stem_pool: false drops the stem's max-pool),
+                          channels, model.stem_pool: false drops the stem's max-pool,
+                          model.stem_stride: 1 runs the stem conv on every pixel),
                           EfficientNetB0, InceptionV3
       -> global average pooling
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
@@ -223,7 +224,7 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
 
 
 def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
-             stem_pool: bool = True) -> keras.Model:
+             stem_pool: bool = True, stem_stride: int = 2) -> keras.Model:
     """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, avg-pooled.
 
     Keras ships no ResNet18; this compact definition matches torchvision's layout
@@ -232,13 +233,16 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     of the multiply-adds and parameters). ``stem_pool=False`` drops the stem's 3x3
     stride-2 max-pool, the usual change for small images: every stage then works at twice
     the resolution (96 px: 48-24-12-6 instead of 24-12-6-3), for about 4x the
-    multiply-adds, with the same weights.
+    multiply-adds, with the same weights. ``stem_stride=1`` runs the stem's 7x7
+    convolution on every pixel and leaves the halving to the max-pool: with the pool,
+    the stages work at the same resolution as ``stride 2`` without it (96 px: 48-24-12-6),
+    the stem at 4x its multiply-adds, again with the same weights.
     """
     def channels(n: int) -> int:
         return max(8, round(n * width))
 
     inputs = keras.Input(input_shape)
-    x = _conv_bn(inputs, channels(64), 7, 2, "stem")
+    x = _conv_bn(inputs, channels(64), 7, stem_stride, "stem")
     if stem_pool:
         x = MaxPool(3, strides=2, padding="same", name="stem_pool")(x)
     for stage, filters in enumerate(map(channels, (64, 128, 256, 512)), start=1):
@@ -256,10 +260,12 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
 
 
 def build_backbone(name: str, image_size: int, weights: str | None,
-                   width: float = 1.0, stem_pool: bool = True) -> keras.Model:
+                   width: float = 1.0, stem_pool: bool = True,
+                   stem_stride: int = 2) -> keras.Model:
     """A headless, average-pooled backbone with ImageNet, no, or file weights;
     ``width`` (ResNet18 only) scales its channels, ``stem_pool=False`` (ResNet18 only)
-    drops its stem's max-pool."""
+    drops its stem's max-pool, ``stem_stride`` (ResNet18 only) is its stem
+    convolution's stride."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
                          + ", ".join(BACKBONE_SPECS) + ".")
@@ -269,7 +275,7 @@ def build_backbone(name: str, image_size: int, weights: str | None,
         if weights == "imagenet":
             raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
                                "model.weights=none or a path to a weights file you saved.")
-        backbone = resnet18(shape, width, stem_pool)
+        backbone = resnet18(shape, width, stem_pool, stem_stride)
         if weights is not None:
             _load_weights_file(backbone, weights)
         return backbone
@@ -317,7 +323,8 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     image = keras.Input((size, size, 1), name=IMAGE)
     x = GrayPreprocess(mode, size, d.resize, d.crop_hand, cfg.augment.random_crop,
                        m.standardize, name="preprocess")(image)
-    x = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool)(x)
+    x = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool,
+                       m.stem_stride)(x)
     inputs: Any = image
     if m.use_sex:
         male = keras.Input((1,), name=SEX)

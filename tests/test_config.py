@@ -73,6 +73,8 @@ def test_dotted_and_bare_overrides():
     ("model.width=0.5", ["model.width", "resnet18"]),          # default: ResNet50
     ("model.width=0", ["model.width", "0.125 <= x <= 4"]),
     ("model.stem_pool=false", ["model.stem_pool", "resnet18"]),  # default: ResNet50
+    ("model.stem_stride=1", ["model.stem_stride", "resnet18"]),  # default: ResNet50
+    ("model.stem_stride=3", ["model.stem_stride", "1 or 2"]),
     ("train.ema_decay=1", ["train.ema_decay", "0 < x < 1"]),
 ])
 def test_bad_override_names_key_and_allowed(override, words):

@@ -177,6 +177,28 @@ def test_resnet18_without_stem_pool_keeps_twice_the_resolution(tmp_path):
                                atol=1e-5)
 
 
+def test_resnet18_stem_stride_one_convolves_every_pixel_before_the_pool(tmp_path):
+    """model.stem_stride 1 (with the pool): the stem's output at full resolution, the
+    stages where stride 2 without the pool puts them (the last feature map 6x6 at 96
+    px), the same weights, and a reloaded model is the same network."""
+    cfg = ("model.backbone=resnet18", "model.width=0.25", "data.image_size=96")
+    strided = build_model(_cfg(*cfg, "model.stem_pool=false")).get_layer("resnet18")
+    model = build_model(_cfg(*cfg, "model.stem_stride=1"))
+    backbone = model.get_layer("resnet18")
+    assert backbone.count_params() == strided.count_params()
+    assert backbone.get_layer("stem_relu").output.shape[1:3] == (96, 96)
+    assert strided.get_layer("stem_relu").output.shape[1:3] == (48, 48)
+    for name in ("stage1_block1_out", "stage4_block1_out"):
+        assert (backbone.get_layer(name).output.shape[1:3]
+                == strided.get_layer(name).output.shape[1:3])
+    model.save(tmp_path / "stride1.keras")
+    again = load_model(str(tmp_path / "stride1.keras"))
+    assert again.get_layer("resnet18").get_layer("stem_conv").strides == (1, 1)
+    x = np.random.default_rng(2).uniform(0, 255, (2, 96, 96, 1)).astype("float32")
+    np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-5)
+
+
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
     """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
     from conftest import run_python

@@ -92,6 +92,9 @@ class ModelConfig:
     width: float = 1.0  # ResNet18's channels scaled (0.5: 32-64-128-256); others: 1 only
     stem_pool: bool = True  # ResNet18's stem max-pool; false: stages at twice the resolution
     stem_stride: int = 2  # ResNet18's stem convolution; 1 (with the pool): the 7x7 sees every pixel
+    # the sex also scales and shifts every ResNet18 stage's channels (FiLM), besides
+    # entering the head; needs use_sex
+    sex_film: bool = False
     # the head predicts probabilities over 1-month bins spanning data.age_range and
     # returns their expected age (false: one linear output scaled to months)
     age_distribution: bool = False
@@ -311,6 +314,9 @@ def _validate(cfg: Config) -> None:
           "model.stem_stride", m.stem_stride,
           "1 or 2, and 2 unless model.backbone is resnet18 (the Keras applications have a "
           "fixed stem)")
+    check(not m.sex_film or (m.use_sex and m.backbone == "resnet18"), "model.sex_film",
+          m.sex_film, "false unless model.use_sex is true and model.backbone is resnet18 "
+          "(the stages it modulates are ResNet18's; set model.use_sex=true)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
           "mae, mse or huber unless model.age_distribution is true (ldl learns the "

@@ -40,8 +40,9 @@ from .model import preprocessing_of
 
 
 class _CamParts:
-    """The model split at the backbone's last 4-D output: image -> feature map, and
-    feature map (+ sex) -> months, reusing the trained layers."""
+    """The model split at the backbone's last 4-D output: image (+ sex, for a backbone
+    that takes it: ``model.sex_film``) -> feature map, and feature map (+ sex) ->
+    months, reusing the trained layers."""
 
     def __init__(self, model: keras.Model) -> None:
         self.model = model
@@ -86,9 +87,10 @@ def grad_cam(model: keras.Model, images: np.ndarray, male: np.ndarray | None = N
         raise DataError("this model takes the patient's sex; give it (--sex M|F or a CSV "
                         "with a Sex column) to explain its predictions.")
     images = np.asarray(images, np.float32)
-    feature_map = parts.features(parts.preprocess(ops.convert_to_tensor(images)))
     sex = None if male is None else ops.convert_to_tensor(
         np.asarray(male, np.float32).reshape(-1, 1))
+    x = parts.preprocess(ops.convert_to_tensor(images))
+    feature_map = parts.features([x, sex] if len(parts.features.inputs) > 1 else x)
     months, grads = value_and_gradient(lambda f: parts.months(f, sex), feature_map)
     fmap = ops.convert_to_numpy(ops.cast(feature_map, "float32"))
     grads = ops.convert_to_numpy(ops.cast(grads, "float32"))

@@ -7,6 +7,8 @@
                           model.stem_stride: 1 runs the stem conv on every pixel),
                           EfficientNetB0, InceptionV3
       -> global average pooling
+                          (model.sex_film: every ResNet18 stage scaled and shifted
+                          per channel by sex, SexFiLM)
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
                                                         (activation: model.head_activation)
@@ -196,6 +198,33 @@ class MaxPool(layers.MaxPooling2D):
         return super().call(inputs) if fast is None else fast
 
 
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class SexFiLM(layers.Layer):
+    """Feature-wise linear modulation by sex (FiLM, Perez et al. 2018): every channel
+    of a feature map scaled and shifted by amounts learned for each sex,
+    ``x * (1 + gamma(male)) + beta(male)``, with gamma and beta linear in ``male`` (0
+    girl, 1 boy). Zero-initialised: an untrained layer passes the map unchanged.
+    Called on ``[feature_map (B, H, W, C), male (B, 1)]``."""
+
+    def build(self, input_shape):
+        channels = input_shape[0][-1]
+        self.kernel = self.add_weight(shape=(1, 2 * channels), initializer="zeros",
+                                      name="kernel")
+        self.bias = self.add_weight(shape=(2 * channels,), initializer="zeros",
+                                    name="bias")
+
+    def call(self, inputs):
+        x, male = inputs
+        male = ops.cast(ops.reshape(male, (-1, 1)), self.kernel.dtype)
+        gamma, beta = ops.split(ops.matmul(male, self.kernel) + self.bias, 2, axis=-1)
+        gamma = ops.cast(gamma[:, None, None, :], x.dtype)
+        beta = ops.cast(beta[:, None, None, :], x.dtype)
+        return x * (1.0 + gamma) + beta
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
 def with_fused_layers(model: keras.Model) -> keras.Model:
     """``model`` (a functional model, nested ones included) with every Keras
     ``BatchNormalization`` replaced by :class:`BatchNorm`, every ``Conv2D`` by
@@ -224,7 +253,8 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
 
 
 def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
-             stem_pool: bool = True, stem_stride: int = 2) -> keras.Model:
+             stem_pool: bool = True, stem_stride: int = 2,
+             sex_film: bool = False) -> keras.Model:
     """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, avg-pooled.
 
     Keras ships no ResNet18; this compact definition matches torchvision's layout
@@ -236,12 +266,15 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     multiply-adds, with the same weights. ``stem_stride=1`` runs the stem's 7x7
     convolution on every pixel and leaves the halving to the max-pool: with the pool,
     the stages work at the same resolution as ``stride 2`` without it (96 px: 48-24-12-6),
-    the stem at 4x its multiply-adds, again with the same weights.
+    the stem at 4x its multiply-adds, again with the same weights. ``sex_film=True``
+    makes the patient's sex an input of every stage: the backbone takes
+    ``[image, male]`` and each stage's output passes a :class:`SexFiLM`.
     """
     def channels(n: int) -> int:
         return max(8, round(n * width))
 
     inputs = keras.Input(input_shape)
+    male = keras.Input((1,), name="backbone_male") if sex_film else None
     x = _conv_bn(inputs, channels(64), 7, stem_stride, "stem")
     if stem_pool:
         x = MaxPool(3, strides=2, padding="same", name="stem_pool")(x)
@@ -255,17 +288,20 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
             y = _conv_bn(x, filters, 3, stride, f"{name}_a")
             y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
             x = layers.Activation("relu", name=f"{name}_out")(layers.Add()([shortcut, y]))
+        if male is not None:
+            x = SexFiLM(name=f"stage{stage}_film")([x, male])
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    return keras.Model(inputs, x, name="resnet18")
+    return keras.Model(inputs if male is None else [inputs, male], x, name="resnet18")
 
 
 def build_backbone(name: str, image_size: int, weights: str | None,
                    width: float = 1.0, stem_pool: bool = True,
-                   stem_stride: int = 2) -> keras.Model:
+                   stem_stride: int = 2, sex_film: bool = False) -> keras.Model:
     """A headless, average-pooled backbone with ImageNet, no, or file weights;
     ``width`` (ResNet18 only) scales its channels, ``stem_pool=False`` (ResNet18 only)
     drops its stem's max-pool, ``stem_stride`` (ResNet18 only) is its stem
-    convolution's stride."""
+    convolution's stride, ``sex_film`` (ResNet18 only) makes it take ``[image, male]``
+    and modulate every stage by sex."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
                          + ", ".join(BACKBONE_SPECS) + ".")
@@ -275,7 +311,7 @@ def build_backbone(name: str, image_size: int, weights: str | None,
         if weights == "imagenet":
             raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
                                "model.weights=none or a path to a weights file you saved.")
-        backbone = resnet18(shape, width, stem_pool, stem_stride)
+        backbone = resnet18(shape, width, stem_pool, stem_stride, sex_film)
         if weights is not None:
             _load_weights_file(backbone, weights)
         return backbone
@@ -323,11 +359,12 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     image = keras.Input((size, size, 1), name=IMAGE)
     x = GrayPreprocess(mode, size, d.resize, d.crop_hand, cfg.augment.random_crop,
                        m.standardize, name="preprocess")(image)
-    x = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool,
-                       m.stem_stride)(x)
+    backbone = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool,
+                              m.stem_stride, m.sex_film)
     inputs: Any = image
-    if m.use_sex:
-        male = keras.Input((1,), name=SEX)
+    male = keras.Input((1,), name=SEX) if m.use_sex else None
+    x = backbone([x, male]) if m.sex_film else backbone(x)
+    if male is not None:
         sex = layers.Dense(16, activation="relu", name="sex_dense")(male)
         x = layers.Concatenate(name="features")([x, ops.cast(sex, x.dtype)])
         inputs = model_inputs(image, male, use_sex=True)
@@ -352,7 +389,8 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
 
 def refresh_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
     """Recompute the backbone's batch-normalization moving statistics from ``batches``
-    of images (as the model's ``image`` input takes them) with the weights as they are
+    of model inputs (images as the ``image`` input takes them, or the inputs dict; a
+    backbone that takes the sex needs the dict) with the weights as they are
     now: the exact mean of the batches' statistics replaces the moving averages, which
     lag behind weights that change fast (early epochs at a high rate), where the
     inference-mode predictions can then be far off the training-mode ones. Nothing else
@@ -371,10 +409,14 @@ def refresh_batchnorm(model: keras.Model, batches: Iterable[Any]) -> int:
     used = 0
     try:
         with backend.no_grad():
-            for used, images in enumerate(batches, start=1):
+            for used, batch in enumerate(batches, start=1):
                 for layer in norms:   # moving = the mean of the batches so far
                     layer.momentum = (used - 1) / used
-                backbone(preprocess(images, training=False), training=True)
+                images = batch[IMAGE] if isinstance(batch, dict) else batch
+                x = preprocess(images, training=False)
+                if len(backbone.inputs) > 1:
+                    x = [x, ops.convert_to_tensor(batch[SEX])]
+                backbone(x, training=True)
     finally:
         for layer, momentum in zip(norms, momenta):
             layer.momentum = momentum

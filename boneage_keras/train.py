@@ -206,9 +206,10 @@ def create_loaders(cfg: Config, split: pd.DataFrame, start: int, replicas: Repli
 
 
 def refresh_batches(train_df: pd.DataFrame, cfg: Config,
-                    reader: Callable[..., np.ndarray]) -> list[np.ndarray]:
-    """``train.bn_refresh_batches`` batches of training images (no more than an epoch
-    trains on), drawn once (seeded), decoded without augmentation."""
+                    reader: Callable[..., np.ndarray]) -> list[Any]:
+    """``train.bn_refresh_batches`` batches of training inputs (no more than an epoch
+    trains on), drawn once (seeded), decoded without augmentation: the images, or with
+    ``model.sex_film`` the inputs dict (that backbone takes the sex too)."""
     from .loaders import BoneAgeDataset
 
     t = cfg.train
@@ -219,7 +220,8 @@ def refresh_batches(train_df: pd.DataFrame, cfg: Config,
     out = []
     for k in range(len(data)):
         inputs = data[k][0]
-        out.append(inputs[IMAGE] if isinstance(inputs, dict) else inputs)
+        keep_sex = cfg.model.sex_film and isinstance(inputs, dict)
+        out.append(inputs if keep_sex or not isinstance(inputs, dict) else inputs[IMAGE])
     return out
 
 

@@ -75,6 +75,7 @@ def test_dotted_and_bare_overrides():
     ("model.stem_pool=false", ["model.stem_pool", "resnet18"]),  # default: ResNet50
     ("model.stem_stride=1", ["model.stem_stride", "resnet18"]),  # default: ResNet50
     ("model.stem_stride=3", ["model.stem_stride", "1 or 2"]),
+    ("model.sex_film=true", ["model.sex_film", "model.use_sex"]),
     ("train.ema_decay=1", ["train.ema_decay", "0 < x < 1"]),
 ])
 def test_bad_override_names_key_and_allowed(override, words):

@@ -199,6 +199,44 @@ def test_resnet18_stem_stride_one_convolves_every_pixel_before_the_pool(tmp_path
                                atol=1e-5)
 
 
+def test_sex_film_modulates_every_stage_by_sex(tmp_path):
+    """model.sex_film: the backbone takes [image, male], each stage's output passes a
+    SexFiLM that starts as the identity; with stage 4's scale set to -1 for boys, a boy's
+    features vanish and a girl's do not; a reloaded model is the same network."""
+    from boneage_keras.model import SexFiLM
+
+    cfg = ("model.backbone=resnet18", "model.width=0.25", "model.use_sex=true")
+    plain = build_model(_cfg(*cfg))
+    model = build_model(_cfg(*cfg, "model.sex_film=true"))
+    backbone = model.get_layer("resnet18")
+    films = [layer for layer in backbone.layers if isinstance(layer, SexFiLM)]
+    assert [layer.name for layer in films] == [f"stage{k}_film" for k in range(1, 5)]
+    assert len(backbone.inputs) == 2
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    male = np.array([[1.0], [0.0]], "float32")
+    x = model.get_layer("preprocess")(images)
+    sex = keras.ops.convert_to_tensor(male)
+    plain_backbone = plain.get_layer("resnet18")
+    plain_backbone.set_weights(
+        [w for layer in backbone.layers if not isinstance(layer, SexFiLM)
+         for w in layer.get_weights()])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(backbone([x, sex])),
+                               keras.ops.convert_to_numpy(plain_backbone(x)), atol=1e-5)
+    channels = films[-1].kernel.shape[1] // 2
+    films[-1].kernel.assign(np.concatenate([-np.ones((1, channels)),
+                                            np.zeros((1, channels))], axis=1))
+    features = keras.ops.convert_to_numpy(backbone([x, sex]))
+    assert np.abs(features[0]).max() == 0 and np.abs(features[1]).max() > 0.01
+    model.save(tmp_path / "film.keras")
+    again = load_model(str(tmp_path / "film.keras"))
+    inputs = {"image": images, "male": male}
+    np.testing.assert_allclose(again.predict(inputs, verbose=0),
+                               model.predict(inputs, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(again.get_layer("resnet18")([x, sex]))[0], 0.0)
+
+
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
     """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
     from conftest import run_python

@@ -256,6 +256,42 @@ def test_weight_average_is_validated_and_saved_and_resume_keeps_trained_weights(
     check(3)
 
 
+def test_sex_film_run_trains_the_modulation_and_scores_and_explains_with_sex(
+        tmp_path, bulk_dir):
+    """model.sex_film on real images: training moves every stage's modulation off the
+    identity, validation scores the model as saved (the batch-norm refresh before it
+    gives the backbone the sex too), and Grad-CAM explains it with the sex."""
+    from boneage_keras.errors import DataError
+    from boneage_keras.explain import grad_cam
+    from boneage_keras.images import load_image
+    from boneage_keras.inputs import model_inputs
+    from boneage_keras.model import SexFiLM, load_model
+    from boneage_keras.train import train
+
+    cfg = _tiny(bulk_dir, tmp_path, "film", "train.epochs=2", "model.width=0.25",
+                "model.use_sex=true", "model.sex_film=true",
+                "train.early_stopping_patience=null", "train.learning_rate=0.01")
+    run = train(cfg, verbose=0).run_dir
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})
+    val = split[split["split"] == "val"]
+    x = np.stack([load_image(bulk_dir / "images" / f"{i}.png", 32) for i in val["id"]])
+    male = val["male"].to_numpy(np.float32).reshape(-1, 1)
+    last = load_model(run / "last.keras")
+    predicted = last.predict(model_inputs(x, male, use_sex=True), verbose=0).ravel()
+    mae = np.abs(predicted - val["boneage"].to_numpy()).mean()
+    assert mae == pytest.approx(pd.read_csv(run / "history.csv")["val_mae"].iloc[-1],
+                                abs=0.05)
+    films = [layer for layer in last.get_layer("resnet18").layers
+             if isinstance(layer, SexFiLM)]
+    assert len(films) == 4
+    assert all(np.abs(keras_numpy(layer.kernel)).max() > 1e-4 for layer in films)
+    heat, months = grad_cam(last, x[:4], male[:4])
+    assert heat.shape == (4, 32, 32) and np.isfinite(heat).all()
+    np.testing.assert_allclose(months, predicted[:4], atol=0.05)
+    with pytest.raises(DataError, match="sex"):
+        grad_cam(last, x[:4])
+
+
 def keras_numpy(value):
     import keras
 

@@ -4,11 +4,10 @@
       -> GrayPreprocess   repeat to 3 channels + the backbone's ImageNet normalisation
       -> backbone         ResNet50 (default), ResNet18 (ours; model.width scales its
                           channels, model.stem_pool: false drops the stem's max-pool,
-                          model.stem_stride: 1 runs the stem conv on every pixel),
-                          EfficientNetB0, InceptionV3
+                          model.stem_stride: 1 runs the stem conv on every pixel,
+                          model.sex_film: every stage scaled and shifted per
+                          channel by sex, SexFiLM), EfficientNetB0, InceptionV3
       -> global average pooling
-                          (model.sex_film: every ResNet18 stage scaled and shifted
-                          per channel by sex, SexFiLM)
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
                                                         (activation: model.head_activation)

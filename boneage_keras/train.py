@@ -55,7 +55,6 @@ from .distribute import current as current_replicas
 from .distribute import setup as setup_replicas
 from .errors import BoneAgeError
 from .files import TMP_MARK, forbid_writes, write_csv, write_json, write_text
-from .inputs import IMAGE
 from .losses import LabelDistributionTrainer
 from .metrics import ToleranceAccuracy
 from .model import build_model
@@ -207,9 +206,9 @@ def create_loaders(cfg: Config, split: pd.DataFrame, start: int, replicas: Repli
 
 def refresh_batches(train_df: pd.DataFrame, cfg: Config,
                     reader: Callable[..., np.ndarray]) -> list[Any]:
-    """``train.bn_refresh_batches`` batches of training inputs (no more than an epoch
-    trains on), drawn once (seeded), decoded without augmentation: the images, or with
-    ``model.sex_film`` the inputs dict (that backbone takes the sex too)."""
+    """``train.bn_refresh_batches`` batches of the model's training inputs (images, or
+    the inputs dict with the sex; no more than an epoch trains on), drawn once (seeded),
+    decoded without augmentation."""
     from .loaders import BoneAgeDataset
 
     t = cfg.train
@@ -217,12 +216,7 @@ def refresh_batches(train_df: pd.DataFrame, cfg: Config,
     n = min(len(train_df), batches * t.batch_size)
     sample = train_df.sample(n=n, random_state=cfg.train.seed)
     data = BoneAgeDataset(sample, cfg, training=False, reader=reader)
-    out = []
-    for k in range(len(data)):
-        inputs = data[k][0]
-        keep_sex = cfg.model.sex_film and isinstance(inputs, dict)
-        out.append(inputs if keep_sex or not isinstance(inputs, dict) else inputs[IMAGE])
-    return out
+    return [data[k][0] for k in range(len(data))]
 
 
 @dataclass

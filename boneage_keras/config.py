@@ -74,6 +74,11 @@ class AugmentConfig:
     blur_probability: float = 0.0
     salt_pepper: list[float] | None = None  # fraction of pixels, e.g. [0.03, 0.08]
     random_crop: bool = False  # crop image_size from a 1/0.875 larger resize
+    # C-Mixup: blend each training image (and its age) with a same-sex partner from its
+    # batch, lam ~ Beta(alpha, alpha); 0: off. Partners of similar age are likelier:
+    # kernel width mixup_sigma months (null: any partner, plain mixup)
+    mixup_alpha: float = 0.0
+    mixup_sigma: float | None = 12.0
     # auto: keras-cv if TF imports, else numpy (fused NumPy stages, the fastest)
     engine: Literal["auto", "keras-cv", "keras", "numpy"] = "auto"
 
@@ -363,6 +368,11 @@ def _validate(cfg: Config) -> None:
           "augment.salt_pepper", a.salt_pepper, "null or [low, high] fractions in [0, 1)")
     check(finite(a.blur_probability) and 0 <= a.blur_probability <= 1,
           "augment.blur_probability", a.blur_probability, "a probability in [0, 1]")
+    check(finite(a.mixup_alpha) and 0 <= a.mixup_alpha <= 10, "augment.mixup_alpha",
+          a.mixup_alpha, "0 (off) or a Beta parameter 0 < x <= 10 such as 0.5")
+    check(a.mixup_sigma is None or (finite(a.mixup_sigma) and a.mixup_sigma > 0),
+          "augment.mixup_sigma", a.mixup_sigma,
+          "null (any partner: plain mixup) or a number of months > 0 such as 12")
     s = cfg.distribute
     for key, value in (("distribute.devices", s.devices),
                        ("distribute.cpu_devices", s.cpu_devices),

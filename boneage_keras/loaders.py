@@ -49,9 +49,11 @@ from .distribute import Replicas, shard
 from .extras import install_hint
 from .images import ImageError, decode_size, load_image
 from .inputs import model_inputs
+from .mixing import mix_numpy, mix_tf
 
 log = logging.getLogger(__name__)
 PREFETCH_BATCHES = 2
+MIX_STREAM = 7919   # the mixing draws' own seed stream, apart from the augmentation's
 
 
 def _pack(images: Any, male: Any, labels: Any, use_sex: bool) -> tuple[Any, Any]:
@@ -62,6 +64,11 @@ def _columns(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (df["path"].astype(str).to_numpy(),
             df["male"].astype(np.float32).to_numpy().reshape(-1, 1),
             df["boneage"].astype(np.float32).to_numpy())
+
+
+def mixing(cfg: Config, training: bool) -> bool:
+    """Whether this loader blends images (C-Mixup, ``augment.mixup_alpha``)."""
+    return training and cfg.augment.mixup_alpha > 0
 
 
 def _weights(labels: np.ndarray, cfg: Config, training: bool) -> np.ndarray:
@@ -182,18 +189,24 @@ def make_tf_dataset(df: pd.DataFrame, cfg: Config, training: bool,
     ds = ds.with_options(pipeline_options())
     use_sex = cfg.model.use_sex
     augment = augmenter.tf_function if training and augmenter is not None else None
+    mix = mixing(cfg, training)
+    a = cfg.augment
 
     def finish(images, weight, sex, labels, seed=None):
         images = tf.cast(images, tf.float32)
         if augment is not None:
             images = augment(images, seed)
+        if mix:
+            images, labels, weight = mix_tf(
+                images, sex if use_sex else None, labels, weight, a.mixup_alpha,
+                a.mixup_sigma, tf.random.experimental.stateless_fold_in(seed, MIX_STREAM))
         # an image that failed to decode weighs 0 (filtering it out instead would hide
         # the epoch's length from fit)
         return (*_pack(images, sex, labels, use_sex), weight)
 
     ds = ds.map(load, num_parallel_calls=parallel_calls())
     ds = ds.batch(cfg.train.batch_size)
-    if augment is None:
+    if augment is None and not mix:
         ds = ds.map(finish, num_parallel_calls=parallel_calls())
     else:
         # Each batch's draws come from a seed of its own, paired with it from a seeded
@@ -225,6 +238,7 @@ class BoneAgeDataset(keras.utils.PyDataset):
         self.paths, self.male, self.labels = _columns(df)
         self.weights = _weights(self.labels, cfg, training)
         self.weighted = bool((self.weights != 1).any())
+        self.mixing = mixing(cfg, training)
         self.cfg, self.training = cfg, training
         self.reader = TolerantReader(reader, cfg.data.max_unreadable)
         self.cropping = training and cfg.augment.random_crop  # else the central window
@@ -266,8 +280,18 @@ class BoneAgeDataset(keras.utils.PyDataset):
                           ).astype(np.float32)
         if self.augmenter is not None:
             images = self.augmenter.augment_batch(images, self.epoch, index)
-        batch = _pack(images, self.male[idx], self.labels[idx], self.cfg.model.use_sex)
-        return (*batch, self.weights[idx]) if self.weighted else batch
+        labels, weights = self.labels[idx], self.weights[idx]
+        if self.mixing:
+            images, labels, weights = self._mix(images, self.male[idx], labels, weights, index)
+        batch = _pack(images, self.male[idx], labels, self.cfg.model.use_sex)
+        return (*batch, weights) if self.weighted else batch
+
+    def _mix(self, images, male, labels, weights, batch: int):
+        """C-Mixup of one batch, drawn from (seed, epoch, batch)."""
+        a = self.cfg.augment
+        rng = np.random.default_rng([self.cfg.train.seed, self.epoch, batch, MIX_STREAM])
+        return mix_numpy(images, male if self.cfg.model.use_sex else None, labels, weights,
+                         a.mixup_alpha, a.mixup_sigma, rng)
 
     def _read(self, i: int) -> np.ndarray | None:
         """Image ``i`` decoded (None if it failed, see :class:`TolerantReader`)."""
@@ -298,6 +322,9 @@ class BoneAgeDataset(keras.utils.PyDataset):
         if self.augmenter is not None:   # each process its own draws
             images = self.augmenter.augment_batch(images, self.epoch,
                                                   index * r.processes + r.index)
+        if self.mixing:
+            images, labels, weights = self._mix(images, male, labels, weights,
+                                                index * r.processes + r.index)
         return (*_pack(images, male, labels, self.cfg.model.use_sex), weights)
 
     def on_epoch_begin(self) -> None:
@@ -324,9 +351,11 @@ def make_loader(df: pd.DataFrame, cfg: Config, training: bool, repeat: bool = Fa
         augmenter = build_augmenter(cfg.augment, cfg.data.image_size, seed=cfg.train.seed,
                                     start_epoch=start_epoch)
     if training:
-        log.info("input: %s loader, augmentation %s", loader,
+        log.info("input: %s loader, augmentation %s%s", loader,
                  f"{augmenter.engine} engine ({', '.join(augmenter.keys)})"
-                 if augmenter is not None else "off")
+                 if augmenter is not None else "off",
+                 f", C-Mixup (alpha {cfg.augment.mixup_alpha}, sigma "
+                 f"{cfg.augment.mixup_sigma} months)" if mixing(cfg, training) else "")
     if loader == "pydataset":
         return BoneAgeDataset(df, cfg, training, augmenter, reader=reader,
                               start_epoch=start_epoch, replicas=replicas)

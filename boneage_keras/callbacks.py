@@ -30,7 +30,8 @@ from .model import refresh_batchnorm
 from .rundir import STATE
 
 log = logging.getLogger(__name__)
-MONITOR = "val_tolerance_accuracy"   # what picks best.keras and stops early
+MONITOR = "val_tolerance_accuracy"   # what picks best.keras and stops early, by default
+LOWER_IS_BETTER = ("val_mae", "val_rmse")
 
 
 
@@ -157,22 +158,30 @@ class AveragedWeights:
 
 
 class BestEpoch(keras.callbacks.Callback):
-    """Which epoch is best (the highest ``val_tolerance_accuracy``), and early stopping
-    after ``patience`` epochs without a better one. ``best``, ``best_epoch`` (0-based)
-    and ``wait`` start from a resumed run's state."""
+    """Which epoch is best by ``monitor`` (the highest ``val_tolerance_accuracy``, the
+    lowest ``val_mae`` or ``val_rmse``, or ``last``: every epoch beats the ones
+    before), and early stopping after ``patience`` epochs without a better one.
+    ``best``, ``best_epoch`` (0-based) and ``wait`` start from a resumed run's state."""
 
     async_safe = True
 
     def __init__(self, patience: int | None, best: float | None = None,
-                 best_epoch: int | None = None, wait: int = 0) -> None:
+                 best_epoch: int | None = None, wait: int = 0,
+                 monitor: str = MONITOR) -> None:
         super().__init__()
         self.patience, self.best, self.best_epoch, self.wait = patience, best, best_epoch, wait
+        self.monitor = monitor
         self.improved = False
         self.stopped_early = False
 
+    def better(self, value: float) -> bool:
+        if self.best is None or self.monitor == "last":
+            return True
+        return value < self.best if self.monitor in LOWER_IS_BETTER else value > self.best
+
     def on_epoch_end(self, epoch, logs=None) -> None:
-        value = (logs or {}).get(MONITOR)
-        self.improved = value is not None and (self.best is None or value > self.best)
+        value = epoch if self.monitor == "last" else (logs or {}).get(self.monitor)
+        self.improved = value is not None and self.better(value)
         if self.improved:
             self.best, self.best_epoch, self.wait = float(value), epoch, 0
         else:
@@ -181,7 +190,7 @@ class BestEpoch(keras.callbacks.Callback):
             self.stopped_early = True
             self.model.stop_training = True
             log.info("early stopping: no better %s for %d epochs (best epoch %d)",
-                     MONITOR, self.wait, self.best_epoch + 1)
+                     self.monitor, self.wait, self.best_epoch + 1)
 
 
 class HistoryCSV(keras.callbacks.Callback):

@@ -128,6 +128,11 @@ class TrainConfig:
     warmup_epochs: int = 0  # epoch k of the first N at k/N of the rate (N=1: one full-rate epoch)
     min_learning_rate: float = 0.0
     early_stopping_patience: int | None = 7
+    # what picks best.keras and stops early: the highest validation +-tolerance accuracy,
+    # the lowest validation MAE or RMSE, or the last epoch (for a schedule that decays
+    # to zero; no early stopping)
+    monitor: Literal["val_tolerance_accuracy", "val_mae", "val_rmse", "last"] = \
+        "val_tolerance_accuracy"
     # before each validation, the backbone's batch-norm statistics are recomputed from
     # this many batches of (unaugmented) training images with the weights as they are:
     # the moving averages lag fast-changing weights (0: off; one replica only)
@@ -354,6 +359,9 @@ def _validate(cfg: Config) -> None:
     check(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
           "train.early_stopping_patience", t.early_stopping_patience,
           "null (off) or an integer >= 1")
+    check(t.monitor != "last" or t.early_stopping_patience is None, "train.monitor",
+          t.monitor, "a validation metric while train.early_stopping_patience is set (the "
+          "last epoch is always the best: set train.early_stopping_patience=null)")
     check(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch",
           t.steps_per_epoch, "null (the whole split) or an integer >= 1")
     check(finite(t.tolerance_months) and t.tolerance_months > 0, "train.tolerance_months",

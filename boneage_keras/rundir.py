@@ -3,8 +3,8 @@
     runs/<name>/
       config.yaml   the resolved config          split.csv   id, boneage, male, split
       run.json      backend, devices, versions   history.csv one row per epoch
-      best.keras    best validation tolerance    last.keras  the latest epoch
-                    accuracy (no optimizer)                  (no optimizer)
+      best.keras    the best epoch by            last.keras  the latest epoch
+                    train.monitor (no optimizer)             (no optimizer)
       curves.png    loss/MAE/tolerance accuracy  train.log   what was read, dropped, used
       backup/       the resumable state: weights with optimizer state, epoch, best
                     value so far and early stopping's wait (state.json)

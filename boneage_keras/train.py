@@ -172,7 +172,8 @@ def create_model(cfg: Config, train_df: pd.DataFrame,
     return model, twin
 
 
-def restore_state(model: keras.Model, run_dir: Path, state: dict[str, Any] | None) -> int:
+def restore_state(model: keras.Model, run_dir: Path, state: dict[str, Any] | None,
+                  monitor: str = MONITOR) -> int:
     """A resumed run's weights and optimizer state; returns the epoch to start at."""
     if state is None:
         return 0
@@ -180,7 +181,7 @@ def restore_state(model: keras.Model, run_dir: Path, state: dict[str, Any] | Non
     model.load_weights(run_dir / "backup" / state["weights"])
     log.info("resuming at epoch %d (best so far: epoch %s, %s=%s; patience waited %d)",
              state["epoch"] + 1,
-             None if state["best_epoch"] is None else state["best_epoch"] + 1, MONITOR,
+             None if state["best_epoch"] is None else state["best_epoch"] + 1, monitor,
              state["best"], state["wait"])
     return state["epoch"]
 
@@ -259,7 +260,7 @@ def create_callbacks(cfg: Config, run_dir: Path, model: keras.Model, twin: keras
     past = pd.read_csv(history_csv) if state and history_csv.is_file() else pd.DataFrame()
     history = HistoryCSV(history_csv, past, writer=replicas.chief)
     best = BestEpoch(t.early_stopping_patience, state.get("best"), state.get("best_epoch"),
-                     state.get("wait", 0))
+                     state.get("wait", 0), monitor=t.monitor)
     saver = SaveState(run_dir, best, t.epochs, replicas)
     callbacks += [StopOnNonFiniteLoss(), history, best,
                   SaveModels(run_dir, twin, best, replicas)]
@@ -329,7 +330,7 @@ def train_and_evaluate(cfg: Config, run_dir: Path, split: pd.DataFrame,
                  ", ".join(devices()))
         train_df = split[split["split"] == "train"]
         model, twin = create_model(cfg, train_df, replicas)
-        start = restore_state(model, run_dir, state)
+        start = restore_state(model, run_dir, state, cfg.train.monitor)
         replicas.prepare_model(model)
         reader = image_reader(cfg, split)
         train_data, val_data = create_loaders(cfg, split, start, replicas, reader)

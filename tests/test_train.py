@@ -457,3 +457,36 @@ def test_mixed_precision_on_a_cpu_is_bfloat16_and_learns_real_images(bulk_dir):
         keras.mixed_precision.set_global_policy("float32")
     assert out.dtype == np.float32 and np.isfinite(losses).all()
     assert losses[-1] < losses[0]
+
+
+def test_monitor_picks_best_keras_by_the_chosen_figure(tmp_path, bulk_dir):
+    from boneage_keras.callbacks import BestEpoch
+    from boneage_keras.config import ConfigError
+    from boneage_keras.model import load_model
+    from boneage_keras.train import train
+
+    # validation figures where accuracy and MAE disagree on the best epoch
+    logs = [{"val_tolerance_accuracy": 0.5, "val_mae": 12.0, "val_rmse": 15.0},
+            {"val_tolerance_accuracy": 0.6, "val_mae": 11.0, "val_rmse": 16.0},
+            {"val_tolerance_accuracy": 0.55, "val_mae": 10.0, "val_rmse": 14.0},
+            {"val_tolerance_accuracy": 0.52, "val_mae": 10.5, "val_rmse": 13.0}]
+    for monitor, expected in [("val_tolerance_accuracy", 1), ("val_mae", 2),
+                              ("val_rmse", 3), ("last", 3)]:
+        best = BestEpoch(None, monitor=monitor)
+        for epoch, row in enumerate(logs):
+            best.on_epoch_end(epoch, row)
+        assert best.best_epoch == expected, monitor
+
+    # on real images: a rate too small to change the predictions leaves the accuracy
+    # flat, so the default keeps epoch 1 and `last` takes epoch 3 into best.keras
+    result = train(_tiny(bulk_dir, tmp_path, "last", "train.monitor=last",
+                         "train.early_stopping_patience=null", "train.epochs=3",
+                         "train.learning_rate=1e-9"), verbose=0)
+    assert result.best_epoch == 3
+    best_model = load_model(str(result.run_dir / "best.keras"))
+    last_model = load_model(str(result.run_dir / "last.keras"))
+    for a, b in zip(best_model.weights, last_model.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="train.monitor"):
+        train(_tiny(bulk_dir, tmp_path, "bad", "train.monitor=last",
+                    "train.early_stopping_patience=3"), verbose=0)

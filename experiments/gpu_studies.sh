@@ -39,6 +39,9 @@ stamp "cache ready"
 COMMON=(--data-dir "$DATA" --set data.image_size=96 --set data.resize=stretch
         --set "data.cache_dir=$CACHE" --set model.weights=none --set "train.output_dir=$RUNS"
         --set "augment.engine=${AUG_ENGINE:-numpy}"
+        # the 1,000-image selection split, held out first and scored by evaluate: the
+        # same images as the CPU-scale runs, whatever data.max_images is
+        --set "data.selection_size=${SELECTION:-1000}"
         ${EXTRA_SETS:-})   # e.g. EXTRA_SETS="--set data.max_images=300" for a smoke test
 # study 1 on the ResNet18 study's 80/10/10 stratified split (same seed: the same images)
 SPLIT=(--set data.split=stratified --set data.val_fraction=0.1 --set data.test_fraction=0.1)

@@ -301,8 +301,8 @@ def bench(config_path, data_dir, overrides, images, steps, no_train) -> None:
               help="Paired bootstrap resamples for each comparison.")
 @_tta_option
 def benchmark(variants, data_dir, overrides, out_dir, resamples, tta, mc_samples) -> None:
-    """Compare recipes: train each VARIANT on one split, evaluate all on its held-out
-    images, bootstrap each against the first.
+    """Compare recipes: train each VARIANT (on the first's split unless it changes the
+    split), evaluate all on the same held-out images, bootstrap each against the first.
 
     A VARIANT is CONFIG (a file or recipe name) or NAME=CONFIG[,KEY=VALUE...]; without
     any: cpu-bench without and with the sex input."""

@@ -8,12 +8,14 @@ held-out images, and compare them side by side.
 
 A variant is ``CONFIG`` (a file or packaged recipe; named after it) or
 ``NAME=CONFIG[,KEY=VALUE...]`` with its own overrides on top of the shared ones. Every
-variant trains on the first variant's split (so their held-out images are the same);
-all are evaluated on its selection split (1,000 images set aside before training), or
-with ``data.selection_size=0`` on its test split, or on validation (said to be
-optimistic) when it has neither. Running the same command again continues: finished runs and evaluations are
-reused, a half-trained run is resumed. Writes ``benchmark.json`` and ``report.html``
-(the table, the comparisons and the learning curves overlaid).
+variant trains on the first variant's split (so their held-out images are the same),
+unless it changes how the training images are split (``SPLIT_KEYS``): then it splits
+anew around the same selection split. All are evaluated on the selection split (1,000
+images set aside before training), or with ``data.selection_size=0`` on the first's
+test split, or on validation (said to be optimistic) when it has neither. Running the
+same command again continues: finished runs and evaluations are reused, a half-trained
+run is resumed. Writes ``benchmark.json`` and ``report.html`` (the table, the
+comparisons and the learning curves overlaid).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 DEFAULT_VARIANTS = ("image=cpu-bench,model.use_sex=false", "image+sex=cpu-bench")
 # the selection split every variant is scored on, unless --set data.selection_size=...
 SELECTION_IMAGES = 1000
+# how the images left after the selection split are split: a variant that changes one
+# of these gets a split of its own (around the same selection split)
+SPLIT_KEYS = ("split", "val_fraction", "test_fraction", "calibration_fraction",
+              "max_images")
+# which images the selection split holds: every variant must agree with the first
+HELD_OUT_KEYS = ("data_dir", "age_range", "selection_size")
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -148,8 +156,10 @@ def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str
     if len(set(names)) != len(names):
         raise ConfigError("variant names must differ: " + ", ".join(names) + " (name them "
                           "NAME=CONFIG).")
-    for _, config, extra in parsed:       # every config is valid before hours of work
-        load_config(config, [*overrides, *extra])
+    # every config is valid, and every variant scored on the same images, before hours
+    # of work
+    own_split = _check_splits(names, [load_config(config, [*overrides, *extra])
+                                      for _, config, extra in parsed])
     runs: list[Path] = []
     shared_split: pd.DataFrame | None = None
     rows, evaluations = [], []
@@ -165,10 +175,15 @@ def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str
             cfg = load_config(config, [*overrides, *extra, f"train.output_dir={out_dir}",
                                        f"train.run_name={name}"])
             start = time.perf_counter()
-            train(cfg, verbose=verbose, split=shared_split)
+            if own_split[k - 1]:
+                log.info("'%s' changes the split (%s): it splits anew around the same "
+                         "selection split", name, ", ".join(own_split[k - 1]))
+            train(cfg, verbose=verbose, split=None if own_split[k - 1] else shared_split)
             log.info("'%s' trained in %.1f minutes", name, (time.perf_counter() - start) / 60)
+        run_split = pd.read_csv(run_dir / "split.csv", dtype={"id": str})
         if shared_split is None:
-            shared_split = pd.read_csv(run_dir / "split.csv", dtype={"id": str})
+            shared_split = run_split
+        _check_held_out(name, names[0], run_split, shared_split)
         runs.append(run_dir)
         eval_dir = run_dir / "eval"
         if (eval_dir / "metrics.json").is_file():
@@ -176,7 +191,7 @@ def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str
         else:
             metrics = evaluate_run(run_dir, "auto", out_dir=eval_dir, tta=tta,
                                    mc_samples=mc_samples).metrics
-            if "calibration" in set(shared_split["split"]):
+            if "calibration" in set(run_split["split"]):
                 metrics = _with_calibration(run_dir, eval_dir, metrics, tta, mc_samples)
         history = pd.read_csv(run_dir / "history.csv")
         rows.append(_row(name, metrics, _minutes(run_dir), len(history)))
@@ -200,6 +215,43 @@ def run_benchmark(variants: list[str] | None, overrides: list[str], out_dir: str
     write_json(out_dir / "benchmark.json", summary)
     _report(out_dir, summary, runs)
     return summary
+
+
+def _check_splits(names: list[str], configs: list[Any]) -> list[list[str]]:
+    """For each variant, the ``data.*`` split keys it sets apart from the first variant
+    (empty: it trains on the first's split); a ConfigError where a variant would be
+    scored on other images than the first."""
+    first = configs[0].data
+    own: list[list[str]] = [[]]
+    for name, cfg in zip(names[1:], configs[1:]):
+        for key in HELD_OUT_KEYS:
+            if getattr(cfg.data, key) != getattr(first, key):
+                raise ConfigError(
+                    f"variant '{name}': data.{key} is {getattr(cfg.data, key)!r}, the first "
+                    f"variant '{names[0]}' has {getattr(first, key)!r}; every variant is "
+                    "scored on the same held-out images: set it for all with --set.")
+        changed = [f"data.{key}" for key in SPLIT_KEYS
+                   if getattr(cfg.data, key) != getattr(first, key)]
+        if changed and not first.selection_size:
+            raise ConfigError(
+                f"variant '{name}' changes {', '.join(changed)}: without a selection split "
+                "(data.selection_size=0) every variant trains on the first's split so all "
+                "are scored on its test or validation images; keep a selection split or "
+                "set these for all with --set.")
+        own.append(changed)
+    return own
+
+
+def _check_held_out(name: str, first: str, split: pd.DataFrame,
+                    shared: pd.DataFrame) -> None:
+    """A run's held-out images must be the first variant's (a run folder reused from an
+    older command may hold another split)."""
+    held_out = held_out_split(shared["split"])
+    ids = set(split.loc[split["split"] == held_out, "id"])
+    if ids != set(shared.loc[shared["split"] == held_out, "id"]):
+        raise ConfigError(f"variant '{name}': its run's {held_out} split (split.csv) holds "
+                          f"other images than the first variant's ('{first}'); name the "
+                          "variant anew or use another --out folder.")
 
 
 def _report(out_dir: Path, summary: dict[str, Any], runs: list[Path]) -> Path:

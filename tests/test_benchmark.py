@@ -26,21 +26,28 @@ def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
     # interrupted after the first variant: only it exists
     cli_here([*base, "plain=default"])
     first = (out / "plain" / "best.keras").stat().st_mtime_ns
-    sex = "sex=default,model.use_sex=true,data.split=stratified"
-    proc = cli_here([*base, "plain=default", sex])
+    sex = "sex=default,model.use_sex=true,train.seed=7"
+    own = "own=default,data.split=stratified,data.val_fraction=0.3"
+    proc = cli_here([*base, "plain=default", sex, own])
     # the finished variant was reused, not retrained
     assert (out / "plain" / "best.keras").stat().st_mtime_ns == first
-    assert "variant 1/2 'plain'" in proc.stderr and "'plain' trained in" not in proc.stderr
-    # both trained on the first variant's split (the second asked for another one)
+    assert "variant 1/3 'plain'" in proc.stderr and "'plain' trained in" not in proc.stderr
+    # another seed trains on the first variant's split; another split is honoured,
+    # around the same selection split
     splits = [pd.read_csv(out / name / "split.csv", dtype={"id": str})
-              for name in ("plain", "sex")]
+              for name in ("plain", "sex", "own")]
     counts = splits[0]["split"].value_counts()
     assert splits[0].equals(splits[1]) and (counts["test"], counts["selection"]) == (60, 300)
+    own_counts = splits[2]["split"].value_counts()
+    assert (own_counts["val"], counts["val"]) == (72, 24)
+    assert "'own' changes the split (data.split, data.val_fraction)" in proc.stderr
+    selected = [set(s.loc[s["split"] == "selection", "id"]) for s in splits]
+    assert selected[0] == selected[2]
     # scored on the selection split; the test split stays untouched
     result = json.loads((out / "benchmark.json").read_text())
     assert result["held_out_split"] == "selection" and result["n_held_out"] == 300
     rows = {r["variant"]: r for r in result["rows"]}
-    for name in ("plain", "sex"):
+    for name in ("plain", "sex", "own"):
         preds = pd.read_csv(out / name / "eval" / "predictions.csv", dtype={"id": str})
         assert set(preds["id"]) == set(splits[0].loc[splits[0]["split"] == "selection",
                                                      "id"])
@@ -52,6 +59,7 @@ def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
             (preds["predicted"] - preds["boneage"])[young].mean(), abs=1e-6)
     comparison = result["comparisons"][0]
     assert (comparison["a"], comparison["b"], comparison["n"]) == ("plain", "sex", 300)
+    assert (result["comparisons"][1]["b"], result["comparisons"][1]["n"]) == ("own", 300)
     assert comparison["difference"] == pytest.approx(rows["sex"]["mae"] - rows["plain"]["mae"])
     assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
     assert "sex - plain: MAE" in proc.stdout and "held out: selection split, n=300" in proc.stdout
@@ -61,6 +69,12 @@ def test_benchmark_compares_variants_on_one_split(tmp_path, bulk_dir):
     # a third call trains nothing
     again = cli_here([*base, "plain=default", "sex=default,model.use_sex=true"])
     assert "trained in" not in again.stderr
+    # a reused run folder whose selection split holds other images is refused
+    changed = splits[2].copy()
+    changed.loc[changed.index[changed["split"] == "selection"][0], "split"] = "train"
+    changed.to_csv(out / "own" / "split.csv", index=False)
+    proc = cli_here([*base, "plain=default", own], check=False)
+    assert proc.returncode == 2 and "variant 'own': its run's selection split" in proc.stderr
 
 
 def test_bad_variants_are_clear(tmp_path):
@@ -68,6 +82,17 @@ def test_bad_variants_are_clear(tmp_path):
     assert proc.returncode == 2 and "unknown key 'train.epochz'" in proc.stderr
     proc = cli_here(["benchmark", "a=default", "a=cpu-bench", "--out", tmp_path], check=False)
     assert proc.returncode == 2 and "variant names must differ" in proc.stderr
+    # refused before anything trains: other held-out images, or another split where
+    # the first's test split scores every variant
+    proc = cli_here(["benchmark", "a=default", "b=default,data.age_range=[0,200]", "--out",
+                     tmp_path], check=False)
+    assert proc.returncode == 2 and "variant 'b': data.age_range is [0.0, 200.0]" in \
+        proc.stderr and "set it for all with --set" in proc.stderr
+    proc = cli_here(["benchmark", "a=default", "b=default,data.val_fraction=0.3", "--set",
+                     "data.selection_size=0", "--out", tmp_path], check=False)
+    assert proc.returncode == 2 and "variant 'b' changes data.val_fraction: without a " \
+        "selection split" in proc.stderr
+    assert not (tmp_path / "a").exists() and "Traceback" not in proc.stderr
 
 
 def test_each_variant_is_scored_with_its_own_calibration(trained_run, tmp_path):

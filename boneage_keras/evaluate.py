@@ -235,8 +235,11 @@ def _split_rows(split_csv: Path, split: str) -> pd.DataFrame:
     return rows
 
 
-def _attach_paths(rows: pd.DataFrame, data_dir: str | Path | None) -> pd.DataFrame:
-    table, _, _ = load_dataset(data_dir)
+def _attach_paths(rows: pd.DataFrame, data_dir: str | Path | None,
+                  cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """The split's rows with their image paths; the decode record goes to the run's
+    ``data.cache_dir`` (where training kept it), not into the data folder."""
+    table, _, _ = load_dataset(data_dir, cache_dir=cache_dir)
     merged = rows[["id"]].merge(table, on="id", how="left")
     missing = merged["path"].isna()
     if missing.any():
@@ -271,7 +274,7 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     for run in runs[1:]:
         _check_held_out(rows, run)
     models = [KerasPredictor(open_model(run / "best.keras"), run.name) for run in runs]
-    table = _attach_paths(rows, data_dir or cfg.data.data_dir)
+    table = _attach_paths(rows, data_dir or cfg.data.data_dir, cfg.data.cache_dir)
     tolerance = tolerance_months or cfg.train.tolerance_months
     summary = {"run": ", ".join(map(str, runs)), "split": split,
                "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
@@ -323,7 +326,8 @@ def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
     """Fit the run's linear correction and conformal 90% interval (calibration.json)."""
     split_csv = run / "split.csv"
     name = calibration_split(pd.read_csv(split_csv, dtype={"id": str})["split"])
-    rows = _attach_paths(_split_rows(split_csv, name), data_dir or cfg.data.data_dir)
+    rows = _attach_paths(_split_rows(split_csv, name), data_dir or cfg.data.data_dir,
+                         cfg.data.cache_dir)
     cached_data, cache_dir = _cache_of(cfg, data_dir)
     fit = predict_images(models if len(models) > 1 else models[0], rows["path"].tolist(),
                          rows["male"].to_numpy(), tta=tta, mc_samples=mc_samples,

@@ -1,6 +1,7 @@
 """evaluate / predict / compare on real images, through the library and the CLI."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -220,3 +221,33 @@ def test_metrics_json_is_valid_json_for_a_single_image(trained_run, sample_dir, 
     text = (tmp_path / "eval" / "metrics.json").read_text()
     metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert metrics["n"] == 1 and metrics["r2"] is None    # R2 of one image: undefined
+
+
+def test_evaluating_a_run_writes_nothing_into_its_data_folder(trained_run, tmp_path):
+    """The decode record goes where the run kept it (data.cache_dir), so read-only or
+    shared data folders stay as they were."""
+    import shutil
+
+    import yaml
+
+    from boneage_keras.evaluate import evaluate_run
+
+    source = Path(load_config(trained_run / "config.yaml").data.data_dir)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for png in (source / "images").iterdir():
+        (data / "images" / png.name).symlink_to(png.resolve())
+    shutil.copy(source / "labels.csv", data / "labels.csv")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.keras", "split.csv", "history.csv"):
+        shutil.copy(trained_run / name, run / name)
+    cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
+    cfg["data"].update(data_dir=str(data), cache_dir=str(tmp_path / "cache"))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    result = evaluate_run(run, out_dir=tmp_path / "out", recalibrate=True)
+    assert len(result.predictions) == (pd.read_csv(run / "split.csv")["split"] == "test").sum()
+    assert (tmp_path / "cache" / "decoded.csv").is_file()
+    assert not (data / ".boneage-cache").exists()
+    assert sorted(p.name for p in data.iterdir()) == ["images", "labels.csv"]

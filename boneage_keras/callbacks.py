@@ -157,6 +157,78 @@ class AveragedWeights:
         self.trained = None
 
 
+class SnapshotAverage:
+    """With ``train.swa_epochs`` (stochastic weight averaging, Izmailov et al. 2018):
+    from epoch ``start`` (0-based) on, the trainable weights at each epoch's end join
+    an equal-weight average. Validation, the batch-norm refresh before it,
+    ``best.keras`` and ``last.keras`` see the average; training and ``backup/`` see
+    the trained weights, as with :class:`AveragedWeights` (the same two callbacks, in
+    the same places).
+
+    ``backup/swa-NNNN.npz`` holds the average after NNNN epochs, written before
+    ``state.json`` names that epoch, so a resumed run (``epochs_done``) continues the
+    average its state belongs to. A run extended so that the averaging epochs move
+    starts its average again.
+    """
+
+    def __init__(self, model: keras.Model, start: int, backup: Path,
+                 epochs_done: int = 0) -> None:
+        self.model, self.start, self.backup = model, start, backup
+        self.epoch = epochs_done
+        self.average: list[np.ndarray] = []
+        self.count = 0
+        self.trained: list[np.ndarray] | None = None
+        saved = backup / self.file(epochs_done)
+        if epochs_done > start and saved.is_file():
+            with np.load(saved) as npz:
+                if int(npz["start"]) == start:
+                    self.count = int(npz["count"])
+                    self.average = [npz[f"w{i}"] for i in range(len(npz.files) - 2)]
+                else:
+                    log.info("the averaged epochs moved (from epoch %d to %d): the "
+                             "weight average starts again", int(npz["start"]) + 1,
+                             start + 1)
+        self.use_average = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs=None: setattr(self, "epoch", epoch),
+            on_test_begin=lambda logs=None: self._average(),
+            on_epoch_end=lambda epoch, logs=None: self._average())
+        self.use_trained = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs=None: self._trained())
+
+    @staticmethod
+    def file(epochs_done: int) -> str:
+        return f"swa-{epochs_done:04d}.npz"
+
+    def _average(self) -> None:
+        if self.epoch < self.start or self.trained is not None:
+            return
+        variables = self.model.trainable_variables
+        self.trained = [keras.ops.convert_to_numpy(v) for v in variables]
+        if self.count == 0:
+            self.average = [w.copy() for w in self.trained]
+        else:
+            for average, weight in zip(self.average, self.trained):
+                average += (weight - average) / (self.count + 1)
+        self.count += 1
+        for variable, average in zip(variables, self.average):
+            variable.assign(average)
+
+    def _trained(self) -> None:
+        if self.trained is None:
+            return
+        for variable, weight in zip(self.model.trainable_variables, self.trained):
+            variable.assign(weight)
+        self.trained = None
+        name = self.file(self.epoch + 1)
+        self.backup.mkdir(exist_ok=True)
+        with replacing(self.backup / name) as tmp, open(tmp, "wb") as f:
+            np.savez(f, start=self.start, count=self.count,
+                     **{f"w{i}": w for i, w in enumerate(self.average)})
+        for old in self.backup.glob("swa-*.npz"):   # this one and the one state.json names
+            if old.name not in (name, self.file(self.epoch)):
+                old.unlink()
+
+
 class BestEpoch(keras.callbacks.Callback):
     """Which epoch is best by ``monitor`` (the highest ``val_tolerance_accuracy``, the
     lowest ``val_mae`` or ``val_rmse``, or ``last``: every epoch beats the ones

@@ -141,6 +141,12 @@ class TrainConfig:
     # weights, updated every step with this decay (0.999: about the last 1,000 steps);
     # None: off (the weights as trained)
     ema_decay: float | None = None
+    # stochastic weight averaging: over the last swa_epochs epochs the rate holds at
+    # swa_learning_rate (the schedule before decays to it; None: a tenth of
+    # learning_rate), and validation, best.keras and last.keras use the equal-weight
+    # average of the weights at those epochs' ends; None: off
+    swa_epochs: int | None = None
+    swa_learning_rate: float | None = None
     tolerance_months: float = 12.0
     steps_per_epoch: int | None = None
     mixed_precision: bool = False
@@ -340,6 +346,16 @@ def _validate(cfg: Config) -> None:
     check(t.ema_decay is None or cfg.distribute.strategy == "none", "train.ema_decay",
           t.ema_decay, "null with distribute.strategy data_parallel (one replica only)")
     check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    check(t.swa_epochs is None or 1 <= t.swa_epochs <= t.epochs, "train.swa_epochs",
+          t.swa_epochs, f"null (off) or an integer from 1 to train.epochs ({t.epochs})")
+    check(t.swa_epochs is None or not t.ema_decay, "train.swa_epochs", t.swa_epochs,
+          "null while train.ema_decay is set (one weight average at a time)")
+    check(t.swa_epochs is None or cfg.distribute.strategy == "none", "train.swa_epochs",
+          t.swa_epochs, "null with distribute.strategy data_parallel (one replica only)")
+    check(t.swa_learning_rate is None
+          or (finite(t.swa_learning_rate) and t.swa_learning_rate > 0),
+          "train.swa_learning_rate", t.swa_learning_rate,
+          "null (a tenth of train.learning_rate) or a number > 0")
     check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
     check(finite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
           t.learning_rate, "a number > 0")

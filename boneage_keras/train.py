@@ -37,6 +37,7 @@ from .callbacks import (
     RefreshBatchNorm,
     SaveModels,
     SaveState,
+    SnapshotAverage,
     StopOnNonFiniteLoss,
     StopOnSignal,
 )
@@ -76,7 +77,7 @@ from .rundir import (
 
 __all__ = ["NonFiniteLoss", "RunDirError", "StopOnSignal", "TrainResult",
            "TrainingInterrupted", "compile_model", "cosine_learning_rate",
-           "make_optimizer", "read_state", "resume", "run_complete", "train"]
+           "learning_rate_at", "make_optimizer", "read_state", "resume", "run_complete", "train"]
 
 log = logging.getLogger(__name__)
 # what --resume may change: where the data is and how it is read, and how long to train
@@ -118,6 +119,31 @@ def cosine_learning_rate(epoch: int, base: float, epochs: int, period: int | Non
     t = epoch - warmup
     span = period or max(1, epochs - warmup)
     return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * t / span))
+
+
+def swa_learning_rate(cfg: Config) -> float:
+    """The rate of the weight-averaging epochs (``train.swa_learning_rate``, else a
+    tenth of the run's rate)."""
+    return cfg.train.swa_learning_rate or 0.1 * effective_learning_rate(cfg)
+
+
+def learning_rate_at(epoch: int, cfg: Config) -> float:
+    """The rate of ``epoch`` (0-based) as ``train`` schedules it: the cosine (or the
+    constant rate) over all epochs; with ``train.swa_epochs`` N, the last N epochs at
+    ``swa_learning_rate`` and the cosine over the epochs before, decaying to it."""
+    t, base = cfg.train, effective_learning_rate(cfg)
+    if not t.swa_epochs:
+        if t.lr_schedule == "constant":
+            return base
+        return cosine_learning_rate(epoch, base, t.epochs, t.cosine_period_epochs,
+                                    t.warmup_epochs, t.min_learning_rate)
+    start, swa = t.epochs - t.swa_epochs, swa_learning_rate(cfg)
+    if epoch >= start:
+        return swa
+    if t.lr_schedule == "constant":
+        return base
+    return cosine_learning_rate(epoch, base, start, t.cosine_period_epochs,
+                                t.warmup_epochs, max(swa, t.min_learning_rate))
 
 
 def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
@@ -235,7 +261,8 @@ def create_callbacks(cfg: Config, run_dir: Path, model: keras.Model, twin: keras
                      state: dict[str, Any] | None, replicas: Replicas,
                      train_df: pd.DataFrame,
                      reader: Callable[..., np.ndarray]) -> RunCallbacks:
-    """In order: the signal stop, the moving average in (``train.ema_decay``), the
+    """In order: the signal stop, the weight average in (``train.ema_decay``,
+    ``train.swa_epochs``), the
     batch-norm refresh, the replicas' own, the learning-rate schedule (before the
     writers, so history rows carry the rate), the non-finite loss stop (before anything
     of an epoch is written), history, best epoch and early stopping, the models, the
@@ -245,17 +272,20 @@ def create_callbacks(cfg: Config, run_dir: Path, model: keras.Model, twin: keras
     callbacks: list[keras.callbacks.Callback] = []
     stopper = StopOnSignal()
     callbacks.append(stopper)
-    averaged = AveragedWeights(model) if t.ema_decay else None
+    averaged: AveragedWeights | SnapshotAverage | None = None
+    if t.ema_decay:
+        averaged = AveragedWeights(model)
+    elif t.swa_epochs:
+        averaged = SnapshotAverage(model, t.epochs - t.swa_epochs, run_dir / "backup",
+                                   state.get("epoch", 0))
     if averaged:
         callbacks.append(averaged.use_average)      # before the batch-norm refresh
     if t.bn_refresh_batches and not replicas.distributed:
         callbacks.append(RefreshBatchNorm(refresh_batches(train_df, cfg, reader)))
     callbacks += replicas.callbacks(model)
-    if t.lr_schedule == "cosine":
-        base = effective_learning_rate(cfg)
+    if t.lr_schedule == "cosine" or t.swa_epochs:
         callbacks.append(keras.callbacks.LearningRateScheduler(
-            lambda epoch: cosine_learning_rate(epoch, base, t.epochs, t.cosine_period_epochs,
-                                               t.warmup_epochs, t.min_learning_rate)))
+            lambda epoch: learning_rate_at(epoch, cfg)))
     history_csv = run_dir / "history.csv"
     past = pd.read_csv(history_csv) if state and history_csv.is_file() else pd.DataFrame()
     history = HistoryCSV(history_csv, past, writer=replicas.chief)

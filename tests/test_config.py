@@ -77,6 +77,9 @@ def test_dotted_and_bare_overrides():
     ("model.stem_stride=3", ["model.stem_stride", "1 or 2"]),
     ("model.sex_film=true", ["model.sex_film", "model.use_sex"]),
     ("train.ema_decay=1", ["train.ema_decay", "0 < x < 1"]),
+    ("train.swa_epochs=0", ["train.swa_epochs", "from 1 to train.epochs (50)"]),
+    ("train.swa_epochs=51", ["train.swa_epochs", "from 1 to train.epochs (50)"]),
+    ("train.swa_learning_rate=-1", ["train.swa_learning_rate", "> 0"]),
 ])
 def test_bad_override_names_key_and_allowed(override, words):
     with pytest.raises(ConfigError) as err:
@@ -88,6 +91,10 @@ def test_bad_override_names_key_and_allowed(override, words):
 def test_weight_average_needs_one_replica():
     with pytest.raises(ConfigError, match="train.ema_decay.*one replica only"):
         load_config("cpu-bench", ["distribute.strategy=data_parallel", "train.ema_decay=0.999"])
+    with pytest.raises(ConfigError, match="train.swa_epochs.*one replica only"):
+        load_config("cpu-bench", ["distribute.strategy=data_parallel", "train.swa_epochs=5"])
+    with pytest.raises(ConfigError, match="train.swa_epochs.*one weight average"):
+        load_config("cpu-bench", ["train.ema_decay=0.999", "train.swa_epochs=5"])
 
 
 def test_unknown_key_in_file(tmp_path):

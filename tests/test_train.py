@@ -27,6 +27,25 @@ def test_cosine_schedule():
     assert warm[:3] == [0.5, 1.0, 1.0] and all(np.diff(warm[2:]) < 0)
 
 
+def test_weight_averaging_schedule_holds_the_rate_over_the_averaged_epochs():
+    from boneage_keras.config import load_config
+    from boneage_keras.train import learning_rate_at
+
+    cfg = load_config("cpu-bench", ["train.epochs=10", "train.swa_epochs=3",
+                                    "train.learning_rate=1.0", "train.warmup_epochs=0"])
+    lrs = [learning_rate_at(e, cfg) for e in range(10)]
+    assert lrs[0] == 1.0 and lrs[7:] == [0.1, 0.1, 0.1]   # a tenth of the rate
+    assert all(np.diff(lrs[:7]) < 0) and lrs[6] > 0.1     # the cosine decays towards it
+    cfg.train.swa_learning_rate = 0.3
+    assert [learning_rate_at(e, cfg) for e in (6, 7, 9)][1:] == [0.3, 0.3]
+    cfg.train.lr_schedule = "constant"
+    assert [learning_rate_at(e, cfg) for e in (0, 6, 7)] == [1.0, 1.0, 0.3]
+    cfg.train.swa_epochs = None   # off: the cosine over all epochs, down to zero
+    assert learning_rate_at(9, cfg) == 1.0
+    cfg.train.lr_schedule = "cosine"
+    assert 0 < learning_rate_at(9, cfg) < 0.05
+
+
 def test_cli_train_writes_complete_run(tmp_path, bulk_dir):
     # the TensorFlow path of the default config: tf.data and keras-cv (the other
     # pairs train elsewhere: torch + tf.data in conftest's trained_run; torch, JAX and
@@ -254,6 +273,77 @@ def test_weight_average_is_validated_and_saved_and_resume_keeps_trained_weights(
     check(2)
     resume(run, ["train.epochs=3"], verbose=0)
     check(3)
+
+
+def test_swa_run_validates_and_saves_the_average_of_the_last_epochs(tmp_path, bulk_dir):
+    """train.swa_epochs on real images: the last two epochs run at a tenth of the rate,
+    last.keras holds the equal-weight average of their trained weights (the first kept
+    in backup/swa-0002.npz, the second in the resumable state), and validation scored
+    that average as saved."""
+    from boneage_keras.images import load_image
+    from boneage_keras.model import build_model, load_model
+    from boneage_keras.train import compile_model, read_state, train
+
+    cfg = _tiny(bulk_dir, tmp_path, "swa", "train.epochs=3", "train.swa_epochs=2",
+                "train.early_stopping_patience=null", "train.learning_rate=0.01")
+    run = train(cfg, verbose=0).run_dir
+    history = pd.read_csv(run / "history.csv")
+    np.testing.assert_allclose(history["learning_rate"], [0.01, 0.001, 0.001], rtol=1e-5)
+    model = compile_model(build_model(cfg), cfg)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(run / "backup" / read_state(run)["weights"])
+    trained = [keras_numpy(v) for v in model.trainable_variables]
+    with np.load(run / "backup" / "swa-0002.npz") as first, \
+            np.load(run / "backup" / "swa-0003.npz") as both:
+        assert (int(first["count"]), int(both["count"])) == (1, 2)
+        epoch2 = [first[f"w{i}"] for i in range(len(trained))]
+        average = [both[f"w{i}"] for i in range(len(trained))]
+    last = load_model(run / "last.keras")
+    assert len(last.trainable_weights) == len(trained)
+    for e2, e3, avg, saved in zip(epoch2, trained, average, last.trainable_weights):
+        np.testing.assert_allclose(avg, (e2 + e3) / 2, atol=1e-6)
+        np.testing.assert_allclose(keras_numpy(saved), avg, atol=1e-6)
+    # backup/ trains on from the weights as trained, not from their average
+    assert max(np.abs(e3 - avg).max() for e3, avg in zip(trained, average)) > 1e-4
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})
+    val = split[split["split"] == "val"]
+    x = np.stack([load_image(bulk_dir / "images" / f"{i}.png", 32) for i in val["id"]])
+    mae = np.abs(last.predict(x, verbose=0).ravel() - val["boneage"].to_numpy()).mean()
+    assert mae == pytest.approx(history["val_mae"].iloc[-1], abs=0.05)
+
+
+def test_snapshot_average_continues_after_a_resume_and_restarts_when_moved(tmp_path):
+    import keras
+
+    from boneage_keras.callbacks import SnapshotAverage
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+    def run_epoch(average, epoch, value, validate=True):
+        average.use_average.on_epoch_begin(epoch)
+        for variable in model.trainable_variables:
+            variable.assign(np.full(variable.shape, value, "float32"))
+        if validate:
+            average.use_average.on_test_begin()
+            seen = keras_numpy(model.trainable_variables[0]).copy()
+        average.use_average.on_epoch_end(epoch)
+        seen = seen if validate else keras_numpy(model.trainable_variables[0]).copy()
+        average.use_trained.on_epoch_end(epoch)
+        np.testing.assert_allclose(keras_numpy(model.trainable_variables[0]), value)
+        return float(seen.mean())
+
+    first = SnapshotAverage(model, start=1, backup=tmp_path)
+    assert run_epoch(first, 0, 7.0) == 7.0             # before the averaged epochs
+    assert run_epoch(first, 1, 1.0) == 1.0
+    assert run_epoch(first, 2, 3.0, validate=False) == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa-0002.npz", "swa-0003.npz"]
+    # killed after epoch 3's state: the resumed run continues that average
+    resumed = SnapshotAverage(model, start=1, backup=tmp_path, epochs_done=3)
+    assert run_epoch(resumed, 3, 8.0) == 4.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swa-0003.npz", "swa-0004.npz"]
+    # extended so that the averaged epochs begin later: the average starts again
+    moved = SnapshotAverage(model, start=3, backup=tmp_path, epochs_done=4)
+    assert run_epoch(moved, 4, 5.0) == 5.0
 
 
 def test_sex_film_run_trains_the_modulation_and_scores_and_explains_with_sex(

@@ -103,6 +103,10 @@ class ModelConfig:
     # the head predicts probabilities over 1-month bins spanning data.age_range and
     # returns their expected age (false: one linear output scaled to months)
     age_distribution: bool = False
+    # ordinal regression (CORAL): one score per image against a learned threshold
+    # between each two 1-month bins of data.age_range; the age is the lowest bin plus
+    # the sum of the thresholds' probabilities (train.loss: coral trains each threshold)
+    ordinal: bool = False
 
 
 @dataclass
@@ -117,7 +121,9 @@ class TrainConfig:
     # ldl: label-distribution learning (needs model.age_distribution): KL divergence
     # from a Gaussian of ldl_sigma months around the true age, plus ldl_l1_weight x
     # the expected age's absolute error in years
-    loss: Literal["mae", "mse", "huber", "ldl"] = "mae"
+    # coral: ordinal regression (needs model.ordinal): the summed binary cross-entropy
+    # of every threshold's "older than this" against the true age (Cao et al. 2020)
+    loss: Literal["mae", "mse", "huber", "ldl", "coral"] = "mae"
     ldl_sigma: float = 8.0
     ldl_l1_weight: float = 1.0
     # training images weighted by (count of their 12-month age bin) ** -x, mean weight 1:
@@ -337,6 +343,11 @@ def _validate(cfg: Config) -> None:
     check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
           "mae, mse or huber unless model.age_distribution is true (ldl learns the "
           "distribution that head predicts: set model.age_distribution=true)")
+    check(t.loss != "coral" or m.ordinal, "train.loss", t.loss,
+          "mae, mse or huber unless model.ordinal is true (coral trains that head's "
+          "thresholds: set model.ordinal=true)")
+    check(not (m.ordinal and m.age_distribution), "model.ordinal", m.ordinal,
+          "false while model.age_distribution is true (one age head at a time)")
     check(finite(t.ldl_sigma) and t.ldl_sigma > 0, "train.ldl_sigma", t.ldl_sigma,
           "a number of months > 0")
     check(finite(t.ldl_l1_weight) and t.ldl_l1_weight >= 0, "train.ldl_l1_weight",

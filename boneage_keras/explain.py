@@ -62,7 +62,8 @@ class _CamParts:
         self.features = keras.Model(backbone.inputs, conv.output)
         self.pool = backbone.layers[-1]
         self.head = [model.get_layer(name) for name in
-                     ("head_dense", "head_dropout", "head_out", "age_distribution", "boneage")
+                     ("head_dense", "head_dropout", "head_score", "head_out", "age_distribution",
+                      "boneage")
                      if any(layer.name == name for layer in model.layers)]
 
     def months(self, feature_map: Any, male: Any) -> Any:

@@ -15,6 +15,10 @@
       or, when model.age_distribution:
       -> Dense(K) -> Softmax -> AgeExpectation          K 1-month bins over
                                                         data.age_range; their mean age
+      or, when model.ordinal (CORAL):
+      -> Dense(1) -> OrdinalThresholds -> OrdinalAge    the score against K-1
+                                                        thresholds; the lowest bin + the
+                                                        sum of P(older than each)
 
 Grayscale and ImageNet weights: the gray channel is repeated three times, so the
 pretrained first convolution sees exactly what it was trained on (a gray photo) and
@@ -31,6 +35,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 # the module, not its names: backend may be mid-import when Keras' import hook
@@ -143,6 +148,58 @@ class AgeExpectation(layers.Layer):
     def call(self, probs):
         centers = ops.arange(self.low, self.high + 1, dtype="float32")
         return ops.sum(ops.cast(probs, "float32") * centers, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "low": self.low, "high": self.high}
+
+
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class OrdinalThresholds(layers.Layer):
+    """CORAL's rank-consistent logits (Cao et al. 2020): one score per image (batch, 1)
+    plus a learned bias per threshold ``low + 0.5``, ..., ``high - 0.5`` months ->
+    (batch, high - low) logits of "older than the threshold". One shared score keeps
+    the probabilities falling with the threshold whenever the biases do. The biases
+    start at a logistic fit of a normal age distribution (``label_mean``,
+    ``label_std``), so that an untrained model predicts about the mean."""
+
+    def __init__(self, low: int = 0, high: int = 240, label_mean: float = 120.0,
+                 label_std: float = 40.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.low, self.high = int(low), int(high)
+        self.label_mean, self.label_std = float(label_mean), float(label_std)
+
+    def build(self, input_shape) -> None:
+        thresholds = np.arange(self.low, self.high, dtype="float32") + 0.5
+        self.bias = self.add_weight(shape=(self.high - self.low,), initializer="zeros",
+                                    name="bias")
+        self.bias.assign(1.702 * (self.label_mean - thresholds) / self.label_std)
+
+    def call(self, score):
+        return ops.cast(score, "float32") + self.bias[None, :]
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.high - self.low)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "low": self.low, "high": self.high,
+                "label_mean": self.label_mean, "label_std": self.label_std}
+
+
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class OrdinalAge(layers.Layer):
+    """CORAL logits (batch, high - low) -> ``low`` + the sum of their probabilities:
+    the expected age in months when each threshold is a month apart, shape (batch, 1)."""
+
+    def __init__(self, low: int = 0, high: int = 240, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.low, self.high = int(low), int(high)
+
+    def call(self, logits):
+        probs = ops.sigmoid(ops.cast(logits, "float32"))
+        return self.low + ops.sum(probs, axis=-1, keepdims=True)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], 1)
@@ -379,6 +436,14 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
                          name="head_out")(x)
         x = layers.Softmax(dtype="float32", name="age_distribution")(x)
         months = AgeExpectation(low, high, dtype="float32", name="boneage")(x)
+    elif m.ordinal:
+        # zero-initialised score: an untrained model's thresholds are the biases' start
+        low, high = distribution_bins(cfg)
+        x = layers.Dense(1, use_bias=False, kernel_initializer="zeros", dtype="float32",
+                         name="head_score")(x)
+        x = OrdinalThresholds(low, high, label_mean, label_std, dtype="float32",
+                              name="head_out")(x)
+        months = OrdinalAge(low, high, dtype="float32", name="boneage")(x)
     else:
         # zero-initialised: an untrained model predicts the training mean
         x = layers.Dense(1, kernel_initializer="zeros", dtype="float32", name="head_out")(x)

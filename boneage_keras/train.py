@@ -56,7 +56,7 @@ from .distribute import current as current_replicas
 from .distribute import setup as setup_replicas
 from .errors import BoneAgeError
 from .files import TMP_MARK, forbid_writes, write_csv, write_json, write_text
-from .losses import LabelDistributionTrainer
+from .losses import LabelDistributionTrainer, OrdinalTrainer
 from .metrics import ToleranceAccuracy
 from .model import build_model
 from .plots import plot_curves
@@ -164,14 +164,17 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
 
 def compile_model(model: keras.Model, cfg: Config) -> keras.Model:
     """Compile with the configured optimizer, loss, MAE/RMSE/tolerance-accuracy metrics.
-    With ``train.loss: ldl`` the compiled model is a :class:`LabelDistributionTrainer`
-    around ``model`` (the same layers and weights)."""
-    if cfg.train.loss == "ldl" and not isinstance(model, LabelDistributionTrainer):
-        t = cfg.train
+    With ``train.loss: ldl`` (``coral``) the compiled model is a
+    :class:`LabelDistributionTrainer` (:class:`OrdinalTrainer`) around ``model`` (the
+    same layers and weights)."""
+    t = cfg.train
+    if t.loss == "ldl" and not isinstance(model, LabelDistributionTrainer):
         model = LabelDistributionTrainer(model, t.ldl_sigma, t.ldl_l1_weight)
-    # ldl: the model's own compute_loss (LabelDistributionTrainer)
+    if t.loss == "coral" and not isinstance(model, OrdinalTrainer):
+        model = OrdinalTrainer(model)
+    # ldl, coral: the model's own compute_loss (LabelDistributionTrainer, OrdinalTrainer)
     loss = {"mae": "mean_absolute_error", "mse": "mean_squared_error",
-            "huber": keras.losses.Huber(delta=12.0), "ldl": None}[cfg.train.loss]
+            "huber": keras.losses.Huber(delta=12.0), "ldl": None, "coral": None}[t.loss]
     model.compile(
         optimizer=make_optimizer(cfg),
         loss=loss,

@@ -1,5 +1,6 @@
-"""Label-distribution learning: the targets, the loss, and a model trained with it on
-real images that saves, loads and exports as one output in months."""
+"""Label-distribution learning and ordinal regression (CORAL): the targets, the losses,
+and models trained with them on real images that save, load and export as one output
+in months."""
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,50 @@ def test_ldl_needs_the_distribution_head():
                                   "train.ldl_sigma=0"])
 
 
-def test_ldl_learns_real_images_and_saves_a_months_model(bulk_dir, tmp_path):
+def _confident(centres, low=0, high=240, margin=20.0):
+    """CORAL logits sure that each age is above every threshold below its centre and
+    below every other one."""
+    thresholds = np.arange(low, high) + 0.5
+    return np.where(thresholds[None, :] < np.asarray(centres)[:, None], margin,
+                    -margin).astype("float32")
+
+
+def test_coral_loss_counts_the_thresholds_on_the_wrong_side():
+    from keras import ops
+
+    from boneage_keras.losses import coral_loss
+    from boneage_keras.model import OrdinalAge
+
+    logits = _confident([60, 72, 120])
+    loss = ops.convert_to_numpy(coral_loss(np.array([60.0, 60.0, 60.0]), logits, 0))
+    assert loss[0] == pytest.approx(0.0, abs=1e-3)
+    # 12 and 60 thresholds sure of the wrong side, each costing about the margin
+    assert loss[1:] == pytest.approx([12 * 20.0, 60 * 20.0], rel=1e-3)
+    months = ops.convert_to_numpy(OrdinalAge(0, 240)(logits)).ravel()
+    assert months == pytest.approx([60.0, 72.0, 120.0], abs=1e-3)
+    # an age between two thresholds' months: the threshold below counts as passed
+    assert float(coral_loss(np.array([60.4]), _confident([60]), 0)[0]) < 1e-3
+    assert float(coral_loss(np.array([60.6]), _confident([60]), 0)[0]) > 19.0
+
+
+def test_ordinal_head_needs_coral_to_train_it_and_starts_at_the_mean():
+    with pytest.raises(ConfigError, match="model.ordinal"):
+        load_config("cpu-bench", ["train.loss=coral"])
+    with pytest.raises(ConfigError, match="one age head"):
+        load_config("cpu-bench", ["model.ordinal=true", "model.age_distribution=true"])
+    from boneage_keras.model import build_model
+
+    cfg = load_config("cpu-bench", ["data.image_size=32", "model.ordinal=true",
+                                    "train.loss=coral"])
+    model = build_model(cfg, 100.0, 40.0)
+    x = {"image": np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)),
+         "male": np.ones((4, 1), "float32")}
+    assert model.get_layer("head_out").output.shape[-1] == 240
+    assert model.predict(x, verbose=0).ravel() == pytest.approx([100.0] * 4, abs=1.0)
+
+
+@pytest.mark.parametrize("head", ["ldl", "coral"])
+def test_head_losses_learn_real_images_and_save_a_months_model(head, bulk_dir, tmp_path):
     """Training steps on real radiographs lower the loss; the weights copied into the
     one-output age model (what best.keras is) predict exactly the trainer's months, and
     that model saves, loads and exports to ONNX with the same months; a zero sample
@@ -64,7 +108,7 @@ def test_ldl_learns_real_images_and_saves_a_months_model(bulk_dir, tmp_path):
 
     from boneage_keras.export import keras_onnx
     from boneage_keras.images import load_image
-    from boneage_keras.losses import LabelDistributionTrainer
+    from boneage_keras.losses import LabelDistributionTrainer, OrdinalTrainer
     from boneage_keras.model import build_model, load_model
     from boneage_keras.train import compile_model
 
@@ -73,12 +117,14 @@ def test_ldl_learns_real_images_and_saves_a_months_model(bulk_dir, tmp_path):
                        for i in table["id"]]).astype(np.float32)
     ages = table["boneage"].to_numpy(np.float32)
     male = table["male"].to_numpy(np.float32)[:, None]
-    cfg = load_config("cpu-bench", ["data.image_size=64", "model.age_distribution=true",
-                                    "train.loss=ldl", "train.learning_rate=0.003"])
+    model_key, trainer_class = {"ldl": ("model.age_distribution", LabelDistributionTrainer),
+                                "coral": ("model.ordinal", OrdinalTrainer)}[head]
+    cfg = load_config("cpu-bench", ["data.image_size=64", f"{model_key}=true",
+                                    f"train.loss={head}", "train.learning_rate=0.003"])
     keras.utils.set_random_seed(0)
     age_model = build_model(cfg, float(ages.mean()), float(ages.std()))
     trainer = compile_model(age_model, cfg)
-    assert isinstance(trainer, LabelDistributionTrainer)
+    assert isinstance(trainer, trainer_class)
     x = {"image": images, "male": male}
     steps = [trainer.train_on_batch(x, ages, return_dict=True) for _ in range(12)]
     first, after = steps[0], steps[-1]
@@ -110,26 +156,31 @@ def test_ldl_learns_real_images_and_saves_a_months_model(bulk_dir, tmp_path):
     assert float(weighted) == pytest.approx(float(rest) * 24 / 32, rel=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax", "tensorflow"])
-def test_ldl_trains_through_the_cli_on_every_backend(backend, bulk_dir, tmp_path):
-    """`train` with the distribution head and the ldl loss on real images (rare ages
-    weighted up, so the loss takes sample weights): its history's loss is not the MAE,
-    and best.keras is an age model that predicts months on another backend's load."""
+@pytest.mark.parametrize("backend,head", [("torch", "ldl"), ("jax", "ldl"),
+                                          ("tensorflow", "ldl"), ("jax", "coral")])
+def test_head_losses_train_through_the_cli(backend, head, bulk_dir, tmp_path):
+    """`train` with the distribution head and the ldl loss on every backend, and with
+    the ordinal head and coral on JAX (torch: the test above), on real images (rare
+    ages weighted up, so the loss takes sample weights): its history's loss is not the
+    MAE, and best.keras is an age model that predicts months on another backend's
+    load."""
     from conftest import SMALL_TRAIN, run_cli
 
     from boneage_keras.model import load_model
 
+    model_key, layer, width = {"ldl": ("model.age_distribution", "age_distribution", 241),
+                               "coral": ("model.ordinal", "head_out", 240)}[head]
     run_cli(["train", "--data-dir", str(bulk_dir), *SMALL_TRAIN,
-             "--set", "model.age_distribution=true", "--set", "train.loss=ldl",
+             "--set", f"{model_key}=true", "--set", f"train.loss={head}",
              "--set", "train.age_balance=0.5", "--set", "model.use_sex=true",
-             "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=ldl"],
+             "--set", f"train.output_dir={tmp_path}", "--set", "train.run_name=head"],
             backend=backend, tensorflow=backend == "tensorflow")
-    run = tmp_path / "ldl"
+    run = tmp_path / "head"
     history = pd.read_csv(run / "history.csv")
     assert np.isfinite(history["loss"]).all()
     assert not np.allclose(history["loss"], history["mae"])
     model = load_model(str(run / "best.keras"))
-    assert model.get_layer("age_distribution").output.shape[-1] == 241
+    assert model.get_layer(layer).output.shape[-1] == width
     assert len(model.outputs) == 1
     out = model.predict({"image": np.zeros((2, 64, 64, 1), "float32"),
                          "male": np.ones((2, 1), "float32")}, verbose=0)

@@ -132,18 +132,15 @@ def learning_rate_at(epoch: int, cfg: Config) -> float:
     constant rate) over all epochs; with ``train.swa_epochs`` N, the last N epochs at
     ``swa_learning_rate`` and the cosine over the epochs before, decaying to it."""
     t, base = cfg.train, effective_learning_rate(cfg)
-    if not t.swa_epochs:
-        if t.lr_schedule == "constant":
-            return base
-        return cosine_learning_rate(epoch, base, t.epochs, t.cosine_period_epochs,
-                                    t.warmup_epochs, t.min_learning_rate)
-    start, swa = t.epochs - t.swa_epochs, swa_learning_rate(cfg)
-    if epoch >= start:
-        return swa
+    start = t.epochs - (t.swa_epochs or 0)
+    if t.swa_epochs and epoch >= start:
+        return swa_learning_rate(cfg)
     if t.lr_schedule == "constant":
         return base
+    floor = max(swa_learning_rate(cfg), t.min_learning_rate) if t.swa_epochs \
+        else t.min_learning_rate
     return cosine_learning_rate(epoch, base, start, t.cosine_period_epochs,
-                                t.warmup_epochs, max(swa, t.min_learning_rate))
+                                t.warmup_epochs, floor)
 
 
 def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:

@@ -119,51 +119,81 @@ class RefreshBatchNorm(keras.callbacks.Callback):
         refresh_batchnorm(self.model, self.batches)
 
 
-class AveragedWeights:
-    """With ``train.ema_decay``: validation, the batch-norm refresh before it,
-    ``best.keras`` and ``last.keras`` see the optimizer's exponential moving average of
-    ``model``'s weights; training and ``backup/`` (the resumable state, whose optimizer
-    state holds the averages) see the trained weights.
+class _SwappedWeights:
+    """Puts averaged weights in the model for validation and saving, and the trained
+    weights back for training and the resumable state.
 
-    ``use_average`` (listed before :class:`RefreshBatchNorm`) puts the averages in the
+    ``use_average`` (listed before :class:`RefreshBatchNorm`) puts the average in the
     model when validation begins, or at the epoch's end without one; ``use_trained``
     (listed between :class:`SaveModels` and :class:`SaveState`) puts the trained
-    weights back at the epoch's end. Keras' ``SwapEMAWeights`` cannot do both: with
-    ``swap_on_epoch`` the resumable state would hold the weights swapped.
+    weights back at the epoch's end. Subclasses say which variables are averaged
+    (``_variables``), what the average is once this epoch's trained values are known
+    (``_average_of``), and what happens after the trained weights are back
+    (``_restored``).
     """
 
     def __init__(self, model: keras.Model) -> None:
         self.model = model
+        self.epoch = 0
         self.trained: list[np.ndarray] | None = None
         self.use_average = keras.callbacks.LambdaCallback(
-            on_test_begin=lambda logs=None: self._average(),
-            on_epoch_end=lambda epoch, logs=None: self._average())
+            on_epoch_begin=lambda epoch, logs=None: setattr(self, "epoch", epoch),
+            on_test_begin=lambda logs=None: self._use_average(),
+            on_epoch_end=lambda epoch, logs=None: self._use_average())
         self.use_trained = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs=None: self._trained())
+            on_epoch_end=lambda epoch, logs=None: self._use_trained())
 
-    def _average(self) -> None:
-        if self.trained is not None:
+    def _active(self) -> bool:
+        return True
+
+    def _variables(self) -> list:
+        raise NotImplementedError
+
+    def _average_of(self, trained: list[np.ndarray]) -> list:
+        raise NotImplementedError
+
+    def _restored(self) -> None:
+        pass
+
+    def _use_average(self) -> None:
+        if self.trained is not None or not self._active():
             return
-        pairs = moving_averages(self.model.optimizer)
-        self.trained = [keras.ops.convert_to_numpy(v) for v, _ in pairs]
-        for variable, average in pairs:
+        variables = self._variables()
+        self.trained = [keras.ops.convert_to_numpy(v) for v in variables]
+        for variable, average in zip(variables, self._average_of(self.trained)):
             variable.assign(average)
 
-    def _trained(self) -> None:
+    def _use_trained(self) -> None:
         if self.trained is None:
             return
-        for (variable, _), value in zip(moving_averages(self.model.optimizer), self.trained):
-            variable.assign(value)
+        for variable, weight in zip(self._variables(), self.trained):
+            variable.assign(weight)
         self.trained = None
+        self._restored()
 
 
-class SnapshotAverage:
+class AveragedWeights(_SwappedWeights):
+    """With ``train.ema_decay``: validation, the batch-norm refresh before it,
+    ``best.keras`` and ``last.keras`` see the optimizer's exponential moving average of
+    ``model``'s weights; training and ``backup/`` (the resumable state, whose optimizer
+    state holds the averages) see the trained weights. Keras' ``SwapEMAWeights``
+    cannot do both: with ``swap_on_epoch`` the resumable state would hold the weights
+    swapped.
+    """
+
+    def _variables(self) -> list:
+        return [variable for variable, _ in moving_averages(self.model.optimizer)]
+
+    def _average_of(self, trained: list[np.ndarray]) -> list:
+        return [average for _, average in moving_averages(self.model.optimizer)]
+
+
+class SnapshotAverage(_SwappedWeights):
     """With ``train.swa_epochs`` (stochastic weight averaging, Izmailov et al. 2018):
     from epoch ``start`` (0-based) on, the trainable weights at each epoch's end join
     an equal-weight average. Validation, the batch-norm refresh before it,
     ``best.keras`` and ``last.keras`` see the average; training and ``backup/`` see
-    the trained weights, as with :class:`AveragedWeights` (the same two callbacks, in
-    the same places).
+    the trained weights, as with :class:`AveragedWeights`.
 
     ``backup/swa-NNNN.npz`` holds the average after NNNN epochs, written before
     ``state.json`` names that epoch, so a resumed run (``epochs_done``) continues the
@@ -173,11 +203,11 @@ class SnapshotAverage:
 
     def __init__(self, model: keras.Model, start: int, backup: Path,
                  epochs_done: int = 0) -> None:
-        self.model, self.start, self.backup = model, start, backup
+        super().__init__(model)
+        self.start, self.backup = start, backup
         self.epoch = epochs_done
         self.average: list[np.ndarray] = []
         self.count = 0
-        self.trained: list[np.ndarray] | None = None
         saved = backup / self.file(epochs_done)
         if epochs_done > start and saved.is_file():
             with np.load(saved) as npz:
@@ -188,37 +218,27 @@ class SnapshotAverage:
                     log.info("the averaged epochs moved (from epoch %d to %d): the "
                              "weight average starts again", int(npz["start"]) + 1,
                              start + 1)
-        self.use_average = keras.callbacks.LambdaCallback(
-            on_epoch_begin=lambda epoch, logs=None: setattr(self, "epoch", epoch),
-            on_test_begin=lambda logs=None: self._average(),
-            on_epoch_end=lambda epoch, logs=None: self._average())
-        self.use_trained = keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs=None: self._trained())
 
     @staticmethod
     def file(epochs_done: int) -> str:
         return f"swa-{epochs_done:04d}.npz"
 
-    def _average(self) -> None:
-        if self.epoch < self.start or self.trained is not None:
-            return
-        variables = self.model.trainable_variables
-        self.trained = [keras.ops.convert_to_numpy(v) for v in variables]
+    def _active(self) -> bool:
+        return self.epoch >= self.start
+
+    def _variables(self) -> list:
+        return self.model.trainable_variables
+
+    def _average_of(self, trained: list[np.ndarray]) -> list:
         if self.count == 0:
-            self.average = [w.copy() for w in self.trained]
+            self.average = [w.copy() for w in trained]
         else:
-            for average, weight in zip(self.average, self.trained):
+            for average, weight in zip(self.average, trained):
                 average += (weight - average) / (self.count + 1)
         self.count += 1
-        for variable, average in zip(variables, self.average):
-            variable.assign(average)
+        return self.average
 
-    def _trained(self) -> None:
-        if self.trained is None:
-            return
-        for variable, weight in zip(self.model.trainable_variables, self.trained):
-            variable.assign(weight)
-        self.trained = None
+    def _restored(self) -> None:
         name = self.file(self.epoch + 1)
         self.backup.mkdir(exist_ok=True)
         with replacing(self.backup / name) as tmp, open(tmp, "wb") as f:

@@ -100,6 +100,9 @@ class ModelConfig:
     # the sex also scales and shifts every ResNet18 stage's channels (FiLM), besides
     # entering the head; needs use_sex
     sex_film: bool = False
+    # ResNet18's pooling of its last feature map: avg (global average) or attention
+    # (4 learned spatial weightings of it, 4x the features; the others: avg only)
+    pooling: Literal["avg", "attention"] = "avg"
     # the head predicts probabilities over 1-month bins spanning data.age_range and
     # returns their expected age (false: one linear output scaled to months)
     age_distribution: bool = False
@@ -339,6 +342,10 @@ def _validate(cfg: Config) -> None:
     check(not m.sex_film or (m.use_sex and m.backbone == "resnet18"), "model.sex_film",
           m.sex_film, "false unless model.use_sex is true and model.backbone is resnet18 "
           "(the stages it modulates are ResNet18's; set model.use_sex=true)")
+    check(m.pooling in ("avg", "attention") and (m.pooling == "avg"
+                                                 or m.backbone == "resnet18"),
+          "model.pooling", m.pooling, "avg or attention, and avg unless model.backbone is "
+          "resnet18 (the Keras applications are built average-pooled)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
           "mae, mse or huber unless model.age_distribution is true (ldl learns the "

@@ -7,7 +7,9 @@
                           model.stem_stride: 1 runs the stem conv on every pixel,
                           model.sex_film: every stage scaled and shifted per
                           channel by sex, SexFiLM), EfficientNetB0, InceptionV3
-      -> global average pooling
+      -> global average pooling                         model.pooling: attention
+                                                        (ResNet18): 4 learned spatial
+                                                        weightings, AttentionPool
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
                                                         (activation: model.head_activation)
@@ -281,6 +283,42 @@ class SexFiLM(layers.Layer):
         return input_shape[0]
 
 
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class AttentionPool(layers.Layer):
+    """Attention pooling: ``heads`` learned spatial weightings of a feature map, each a
+    softmax over its positions of a 1x1 projection of the channels, and the map's
+    channels averaged under each; returns (B, heads * C). Where global average pooling
+    gives a feature's mean over the whole hand, each head can weigh the regions it
+    reads (the growth plates of some bones) above the rest. Zero-initialised: an
+    untrained layer weighs every position alike, so each head returns the global
+    average."""
+
+    def __init__(self, heads: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = heads
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.kernel = self.add_weight(shape=(channels, self.heads), initializer="zeros",
+                                      name="kernel")
+        self.bias = self.add_weight(shape=(self.heads,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        shape = ops.shape(x)
+        flat = ops.reshape(x, (shape[0], shape[1] * shape[2], shape[3]))   # (B, N, C)
+        logits = ops.matmul(ops.cast(flat, self.kernel.dtype), self.kernel) + self.bias
+        weights = ops.softmax(logits, axis=1)                                # (B, N, K)
+        pooled = ops.matmul(ops.transpose(weights, (0, 2, 1)),
+                            ops.cast(flat, weights.dtype))                   # (B, K, C)
+        return ops.cast(ops.reshape(pooled, (shape[0], self.heads * shape[3])), x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.heads * input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "heads": self.heads}
+
+
 def with_fused_layers(model: keras.Model) -> keras.Model:
     """``model`` (a functional model, nested ones included) with every Keras
     ``BatchNormalization`` replaced by :class:`BatchNorm`, every ``Conv2D`` by
@@ -310,8 +348,8 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
 
 def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
              stem_pool: bool = True, stem_stride: int = 2,
-             sex_film: bool = False) -> keras.Model:
-    """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, avg-pooled.
+             sex_film: bool = False, pooling: str = "avg") -> keras.Model:
+    """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, pooled.
 
     Keras ships no ResNet18; this compact definition matches torchvision's layout
     (including its batch-norm momentum, 0.1 there = 0.9 in Keras). ``width`` scales
@@ -325,6 +363,8 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     the stem at 4x its multiply-adds, again with the same weights. ``sex_film=True``
     makes the patient's sex an input of every stage: the backbone takes
     ``[image, male]`` and each stage's output passes a :class:`SexFiLM`.
+    ``pooling="attention"`` replaces the global average pooling by
+    :class:`AttentionPool` (4 heads: 4x the features).
     """
     def channels(n: int) -> int:
         return max(8, round(n * width))
@@ -346,18 +386,23 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
             x = layers.Activation("relu", name=f"{name}_out")(layers.Add()([shortcut, y]))
         if male is not None:
             x = SexFiLM(name=f"stage{stage}_film")([x, male])
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if pooling == "attention":
+        x = AttentionPool(4, name="attention_pool")(x)
+    else:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(inputs if male is None else [inputs, male], x, name="resnet18")
 
 
 def build_backbone(name: str, image_size: int, weights: str | None,
                    width: float = 1.0, stem_pool: bool = True,
-                   stem_stride: int = 2, sex_film: bool = False) -> keras.Model:
-    """A headless, average-pooled backbone with ImageNet, no, or file weights;
+                   stem_stride: int = 2, sex_film: bool = False,
+                   pooling: str = "avg") -> keras.Model:
+    """A headless, pooled backbone with ImageNet, no, or file weights;
     ``width`` (ResNet18 only) scales its channels, ``stem_pool=False`` (ResNet18 only)
     drops its stem's max-pool, ``stem_stride`` (ResNet18 only) is its stem
     convolution's stride, ``sex_film`` (ResNet18 only) makes it take ``[image, male]``
-    and modulate every stage by sex."""
+    and modulate every stage by sex, ``pooling`` (ResNet18 only; the others average)
+    is ``avg`` or ``attention``."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
                          + ", ".join(BACKBONE_SPECS) + ".")
@@ -367,7 +412,7 @@ def build_backbone(name: str, image_size: int, weights: str | None,
         if weights == "imagenet":
             raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
                                "model.weights=none or a path to a weights file you saved.")
-        backbone = resnet18(shape, width, stem_pool, stem_stride, sex_film)
+        backbone = resnet18(shape, width, stem_pool, stem_stride, sex_film, pooling)
         if weights is not None:
             _load_weights_file(backbone, weights)
         return backbone
@@ -416,7 +461,7 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     x = GrayPreprocess(mode, size, d.resize, d.crop_hand, cfg.augment.random_crop,
                        m.standardize, name="preprocess")(image)
     backbone = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool,
-                              m.stem_stride, m.sex_film)
+                              m.stem_stride, m.sex_film, m.pooling)
     inputs: Any = image
     male = keras.Input((1,), name=SEX) if m.use_sex else None
     x = backbone([x, male]) if m.sex_film else backbone(x)

@@ -103,6 +103,9 @@ class ModelConfig:
     # ResNet18's pooling of its last feature map: avg (global average) or attention
     # (4 learned spatial weightings of it, 4x the features; the others: avg only)
     pooling: Literal["avg", "attention"] = "avg"
+    # every ResNet18 block's residual branch gated per channel from its global average
+    # (squeeze-and-excitation, Hu et al. 2018)
+    squeeze_excite: bool = False
     # the head predicts probabilities over 1-month bins spanning data.age_range and
     # returns their expected age (false: one linear output scaled to months)
     age_distribution: bool = False
@@ -346,6 +349,9 @@ def _validate(cfg: Config) -> None:
                                                  or m.backbone == "resnet18"),
           "model.pooling", m.pooling, "avg or attention, and avg unless model.backbone is "
           "resnet18 (the Keras applications are built average-pooled)")
+    check(not m.squeeze_excite or m.backbone == "resnet18", "model.squeeze_excite",
+          m.squeeze_excite, "false unless model.backbone is resnet18 (the Keras "
+          "applications have fixed blocks)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
           "mae, mse or huber unless model.age_distribution is true (ldl learns the "

@@ -6,7 +6,8 @@
                           channels, model.stem_pool: false drops the stem's max-pool,
                           model.stem_stride: 1 runs the stem conv on every pixel,
                           model.sex_film: every stage scaled and shifted per
-                          channel by sex, SexFiLM), EfficientNetB0, InceptionV3
+                          channel by sex, SexFiLM, model.squeeze_excite: every
+                          block's channels gated), EfficientNetB0, InceptionV3
       -> global average pooling                         model.pooling: attention
                                                         (ResNet18): 4 learned spatial
                                                         weightings, AttentionPool
@@ -346,9 +347,17 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = 
     return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
+def _squeeze_excite(x, filters: int, name: str):
+    gate = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool")(x)
+    gate = layers.Dense(max(4, filters // 4), activation="relu", name=f"{name}_se_reduce")(gate)
+    gate = layers.Dense(filters, activation="sigmoid", name=f"{name}_se_expand")(gate)
+    return layers.Multiply(name=f"{name}_se")([x, gate])
+
+
 def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
              stem_pool: bool = True, stem_stride: int = 2,
-             sex_film: bool = False, pooling: str = "avg") -> keras.Model:
+             sex_film: bool = False, pooling: str = "avg",
+             squeeze_excite: bool = False) -> keras.Model:
     """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, pooled.
 
     Keras ships no ResNet18; this compact definition matches torchvision's layout
@@ -364,7 +373,10 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     makes the patient's sex an input of every stage: the backbone takes
     ``[image, male]`` and each stage's output passes a :class:`SexFiLM`.
     ``pooling="attention"`` replaces the global average pooling by
-    :class:`AttentionPool` (4 heads: 4x the features).
+    :class:`AttentionPool` (4 heads: 4x the features). ``squeeze_excite=True``
+    rescales every block's residual branch per channel by a gate computed from its
+    global average (squeeze-and-excitation, Hu et al. 2018; a quarter of the channels
+    in the bottleneck, at least 4).
     """
     def channels(n: int) -> int:
         return max(8, round(n * width))
@@ -383,6 +395,8 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
                 shortcut = _conv_bn(x, filters, 1, stride, f"{name}_down", relu=False)
             y = _conv_bn(x, filters, 3, stride, f"{name}_a")
             y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
+            if squeeze_excite:
+                y = _squeeze_excite(y, filters, name)
             x = layers.Activation("relu", name=f"{name}_out")(layers.Add()([shortcut, y]))
         if male is not None:
             x = SexFiLM(name=f"stage{stage}_film")([x, male])
@@ -396,13 +410,14 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
 def build_backbone(name: str, image_size: int, weights: str | None,
                    width: float = 1.0, stem_pool: bool = True,
                    stem_stride: int = 2, sex_film: bool = False,
-                   pooling: str = "avg") -> keras.Model:
+                   pooling: str = "avg", squeeze_excite: bool = False) -> keras.Model:
     """A headless, pooled backbone with ImageNet, no, or file weights;
     ``width`` (ResNet18 only) scales its channels, ``stem_pool=False`` (ResNet18 only)
     drops its stem's max-pool, ``stem_stride`` (ResNet18 only) is its stem
     convolution's stride, ``sex_film`` (ResNet18 only) makes it take ``[image, male]``
     and modulate every stage by sex, ``pooling`` (ResNet18 only; the others average)
-    is ``avg`` or ``attention``."""
+    is ``avg`` or ``attention``, ``squeeze_excite`` (ResNet18 only) gates every
+    block's channels."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
                          + ", ".join(BACKBONE_SPECS) + ".")
@@ -412,7 +427,8 @@ def build_backbone(name: str, image_size: int, weights: str | None,
         if weights == "imagenet":
             raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
                                "model.weights=none or a path to a weights file you saved.")
-        backbone = resnet18(shape, width, stem_pool, stem_stride, sex_film, pooling)
+        backbone = resnet18(shape, width, stem_pool, stem_stride, sex_film, pooling,
+                            squeeze_excite)
         if weights is not None:
             _load_weights_file(backbone, weights)
         return backbone
@@ -461,7 +477,7 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     x = GrayPreprocess(mode, size, d.resize, d.crop_hand, cfg.augment.random_crop,
                        m.standardize, name="preprocess")(image)
     backbone = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool,
-                              m.stem_stride, m.sex_film, m.pooling)
+                              m.stem_stride, m.sex_film, m.pooling, m.squeeze_excite)
     inputs: Any = image
     male = keras.Input((1,), name=SEX) if m.use_sex else None
     x = backbone([x, male]) if m.sex_film else backbone(x)

@@ -237,6 +237,106 @@ def test_sex_film_modulates_every_stage_by_sex(tmp_path):
         keras.ops.convert_to_numpy(again.get_layer("resnet18")([x, sex]))[0], 0.0)
 
 
+def test_attention_pool_starts_as_the_average_and_weighs_positions():
+    """An untrained AttentionPool returns the global average once per head; a head whose
+    logit is large at one position returns that position's channels; the others keep
+    averaging."""
+    from boneage_keras.model import AttentionPool
+
+    x = np.random.default_rng(4).normal(size=(2, 3, 5, 6)).astype("float32")
+    pool = AttentionPool(3)
+    pooled = keras.ops.convert_to_numpy(pool(x)).reshape(2, 3, 6)
+    np.testing.assert_allclose(pooled, np.repeat(x.mean(axis=(1, 2))[:, None], 3, 1),
+                               atol=1e-5)
+    # head 1 looks for channel 0: put a spike at position (2, 4) only there
+    x[:, 2, 4, 0] = 100.0
+    kernel = np.zeros((6, 3), "float32")
+    kernel[0, 1] = 1.0
+    pool.kernel.assign(kernel)
+    pooled = keras.ops.convert_to_numpy(pool(x)).reshape(2, 3, 6)
+    np.testing.assert_allclose(pooled[:, 1], x[:, 2, 4], atol=1e-4)
+    np.testing.assert_allclose(pooled[:, 0], x.mean(axis=(1, 2)), atol=1e-4)
+
+
+def test_squeeze_excite_gates_every_residual_branch(tmp_path):
+    """model.squeeze_excite: each of ResNet18's 8 blocks gates its residual branch per
+    channel; with a gate shut (the expand bias very negative) a stage-1 block passes its
+    input on unchanged (identity shortcut, ReLU of a ReLU output); a reloaded model is
+    the same network."""
+    cfg = ("model.backbone=resnet18", "model.width=0.25", "model.stem_pool=false",
+           "model.squeeze_excite=true")
+    model = build_model(_cfg(*cfg))
+    backbone = model.get_layer("resnet18")
+    gates = [layer.name for layer in backbone.layers if layer.name.endswith("_se")]
+    assert gates == [f"stage{s}_block{b}_se" for s in range(1, 5) for b in range(2)]
+    assert backbone.get_layer("stage1_block0_se_reduce").units == 4
+    assert backbone.get_layer("stage4_block1_se_reduce").units == 32
+    x = model.get_layer("preprocess")(
+        np.random.default_rng(5).uniform(0, 255, (2, 64, 64, 1)).astype("float32"))
+    probe = keras.Model(backbone.inputs, [backbone.get_layer("stem_relu").output,
+                                          backbone.get_layer("stage1_block0_out").output])
+    stem, block = (keras.ops.convert_to_numpy(t) for t in probe(x))
+    assert np.abs(block - stem).mean() > 1e-3 * np.abs(stem).mean()
+    expand = backbone.get_layer("stage1_block0_se_expand")
+    kernel, bias = expand.get_weights()
+    expand.set_weights([np.zeros_like(kernel), np.full_like(bias, -50.0)])
+    stem, block = (keras.ops.convert_to_numpy(t) for t in probe(x))
+    np.testing.assert_allclose(block, stem, atol=1e-5)
+    model.save(tmp_path / "se.keras")
+    again = load_model(str(tmp_path / "se.keras"))
+    images = np.random.default_rng(6).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    np.testing.assert_allclose(again.predict(images, verbose=0),
+                               model.predict(images, verbose=0), atol=1e-5)
+
+
+def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir):
+    """model.pooling: attention replaces ResNet18's average pooling by 4 heads (4x the
+    features); a few epochs on real radiographs move each head off the uniform
+    weighting, and the squeeze-and-excitation gates then differ from radiograph to
+    radiograph; the model reloads as the same network and Grad-CAM explains it."""
+    import pandas as pd
+    from PIL import Image
+
+    from boneage_keras.explain import grad_cam
+
+    table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:192]
+    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
+        (64, 64)), np.float32) for i in table["id"]])[..., None]
+    ages = table["boneage"].to_numpy(np.float32)
+    cfg = ("model.backbone=resnet18", "model.width=0.25", "model.stem_pool=false")
+    model = build_model(_cfg(*cfg, "model.pooling=attention", "model.squeeze_excite=true"),
+                        ages.mean(), ages.std())
+    backbone = model.get_layer("resnet18")
+    assert backbone.output.shape[-1] == 4 * 128
+    assert build_model(_cfg(*cfg)).get_layer("resnet18").output.shape[-1] == 128
+    pool = backbone.get_layer("attention_pool")
+    model.compile(keras.optimizers.Adam(3e-3), loss="mae")
+    keras.utils.set_random_seed(0)
+    model.fit(images, ages, batch_size=32, epochs=3, verbose=0)
+    kernel = keras.ops.convert_to_numpy(pool.kernel)
+    assert np.abs(kernel).max() > 1e-3
+    # each head's weights over the 4 x 4 positions of the real images' feature maps
+    features = keras.Model(backbone.inputs, backbone.get_layer(
+        "stage4_block1_out").output)(model.get_layer("preprocess")(images[:8]))
+    flat = keras.ops.convert_to_numpy(features).reshape(8, -1, 128)
+    logits = flat @ kernel + keras.ops.convert_to_numpy(pool.bias)
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    assert weights.shape[1] == 16
+    assert (weights.max(axis=1) > 1.05 / 16).all(), "a head still weighs every position alike"
+    gate = keras.Model(backbone.inputs, backbone.get_layer("stage3_block1_se_expand").output)
+    gates = keras.ops.convert_to_numpy(gate(model.get_layer("preprocess")(images[:8])))
+    assert gates.reshape(8, -1).std(axis=0).max() > 0.01
+    model.save(tmp_path / "attention.keras")
+    again = load_model(str(tmp_path / "attention.keras"))
+    np.testing.assert_allclose(again.predict(images[:4], verbose=0),
+                               model.predict(images[:4], verbose=0), atol=1e-4)
+    heat, months = grad_cam(again, images[:4])
+    assert heat.shape == (4, 64, 64) and (heat.std(axis=(1, 2)) > 1e-3).all()
+    np.testing.assert_allclose(months, again.predict(images[:4], verbose=0).ravel(),
+                               atol=0.05)
+
+
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
     """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
     from conftest import run_python

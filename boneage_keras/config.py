@@ -345,10 +345,9 @@ def _validate(cfg: Config) -> None:
     check(not m.sex_film or (m.use_sex and m.backbone == "resnet18"), "model.sex_film",
           m.sex_film, "false unless model.use_sex is true and model.backbone is resnet18 "
           "(the stages it modulates are ResNet18's; set model.use_sex=true)")
-    check(m.pooling in ("avg", "attention") and (m.pooling == "avg"
-                                                 or m.backbone == "resnet18"),
-          "model.pooling", m.pooling, "avg or attention, and avg unless model.backbone is "
-          "resnet18 (the Keras applications are built average-pooled)")
+    check(m.pooling == "avg" or m.backbone == "resnet18", "model.pooling", m.pooling,
+          "avg unless model.backbone is resnet18 (the Keras applications are built "
+          "average-pooled)")
     check(not m.squeeze_excite or m.backbone == "resnet18", "model.squeeze_excite",
           m.squeeze_excite, "false unless model.backbone is resnet18 (the Keras "
           "applications have fixed blocks)")

@@ -304,13 +304,19 @@ class AttentionPool(layers.Layer):
                                       name="kernel")
         self.bias = self.add_weight(shape=(self.heads,), initializer="zeros", name="bias")
 
+    def attention(self, x):
+        """Each head's weights over the positions of ``x`` (B, H, W, C): (B, H*W, heads),
+        summing to 1 over the positions, in float32."""
+        shape = ops.shape(x)
+        flat = ops.reshape(ops.cast(x, self.kernel.dtype),
+                           (shape[0], shape[1] * shape[2], shape[3]))
+        return ops.softmax(ops.matmul(flat, self.kernel) + self.bias, axis=1)
+
     def call(self, x):
         shape = ops.shape(x)
-        flat = ops.reshape(x, (shape[0], shape[1] * shape[2], shape[3]))   # (B, N, C)
-        logits = ops.matmul(ops.cast(flat, self.kernel.dtype), self.kernel) + self.bias
-        weights = ops.softmax(logits, axis=1)                                # (B, N, K)
-        pooled = ops.matmul(ops.transpose(weights, (0, 2, 1)),
-                            ops.cast(flat, weights.dtype))                   # (B, K, C)
+        flat = ops.reshape(ops.cast(x, self.kernel.dtype),
+                           (shape[0], shape[1] * shape[2], shape[3]))      # (B, N, C)
+        pooled = ops.matmul(ops.transpose(self.attention(x), (0, 2, 1)), flat)  # (B, K, C)
         return ops.cast(ops.reshape(pooled, (shape[0], self.heads * shape[3])), x.dtype)
 
     def compute_output_shape(self, input_shape):

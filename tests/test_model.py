@@ -256,6 +256,8 @@ def test_attention_pool_starts_as_the_average_and_weighs_positions():
     pooled = keras.ops.convert_to_numpy(pool(x)).reshape(2, 3, 6)
     np.testing.assert_allclose(pooled[:, 1], x[:, 2, 4], atol=1e-4)
     np.testing.assert_allclose(pooled[:, 0], x.mean(axis=(1, 2)), atol=1e-4)
+    weights = keras.ops.convert_to_numpy(pool.attention(x))
+    assert weights.shape == (2, 15, 3) and weights[:, 2 * 5 + 4, 1].min() > 0.99
 
 
 def test_squeeze_excite_gates_every_residual_branch(tmp_path):
@@ -318,11 +320,8 @@ def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir)
     # each head's weights over the 4 x 4 positions of the real images' feature maps
     features = keras.Model(backbone.inputs, backbone.get_layer(
         "stage4_block1_out").output)(model.get_layer("preprocess")(images[:8]))
-    flat = keras.ops.convert_to_numpy(features).reshape(8, -1, 128)
-    logits = flat @ kernel + keras.ops.convert_to_numpy(pool.bias)
-    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-    weights /= weights.sum(axis=1, keepdims=True)
-    assert weights.shape[1] == 16
+    weights = keras.ops.convert_to_numpy(pool.attention(features))
+    assert weights.shape == (8, 16, 4)
     assert (weights.max(axis=1) > 1.05 / 16).all(), "a head still weighs every position alike"
     gate = keras.Model(backbone.inputs, backbone.get_layer("stage3_block1_se_expand").output)
     gates = keras.ops.convert_to_numpy(gate(model.get_layer("preprocess")(images[:8])))

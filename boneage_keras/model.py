@@ -304,19 +304,24 @@ class AttentionPool(layers.Layer):
                                       name="kernel")
         self.bias = self.add_weight(shape=(self.heads,), initializer="zeros", name="bias")
 
+    def _positions(self, x):
+        """``x`` (B, H, W, C) as (B, H*W, C) in the weights' dtype."""
+        shape = ops.shape(x)
+        return ops.reshape(ops.cast(x, self.kernel.dtype),
+                           (shape[0], shape[1] * shape[2], shape[3]))
+
+    def _weights(self, flat):
+        return ops.softmax(ops.matmul(flat, self.kernel) + self.bias, axis=1)
+
     def attention(self, x):
         """Each head's weights over the positions of ``x`` (B, H, W, C): (B, H*W, heads),
         summing to 1 over the positions, in float32."""
-        shape = ops.shape(x)
-        flat = ops.reshape(ops.cast(x, self.kernel.dtype),
-                           (shape[0], shape[1] * shape[2], shape[3]))
-        return ops.softmax(ops.matmul(flat, self.kernel) + self.bias, axis=1)
+        return self._weights(self._positions(x))
 
     def call(self, x):
         shape = ops.shape(x)
-        flat = ops.reshape(ops.cast(x, self.kernel.dtype),
-                           (shape[0], shape[1] * shape[2], shape[3]))      # (B, N, C)
-        pooled = ops.matmul(ops.transpose(self.attention(x), (0, 2, 1)), flat)  # (B, K, C)
+        flat = self._positions(x)                                           # (B, N, C)
+        pooled = ops.matmul(ops.transpose(self._weights(flat), (0, 2, 1)), flat)  # (B, K, C)
         return ops.cast(ops.reshape(pooled, (shape[0], self.heads * shape[3])), x.dtype)
 
     def compute_output_shape(self, input_shape):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -304,9 +305,11 @@ class HistoryCSV(keras.callbacks.Callback):
 
 
 class SaveModels(keras.callbacks.Callback):
-    """``best.keras`` when :class:`BestEpoch` says the epoch is the best so far, and
-    ``last.keras`` after every epoch: the weights copied into ``twin``, an uncompiled
-    copy of the model, so neither file carries optimizer state."""
+    """``last.keras`` after every epoch, and ``best.keras`` when :class:`BestEpoch` says
+    the epoch is the best so far: the weights copied into ``twin``, an uncompiled copy
+    of the model, so neither file carries optimizer state. The model is serialized
+    once per epoch; a best epoch's ``best.keras`` is a copy of that ``last.keras``
+    (with ``train.monitor: last``, every epoch)."""
 
     async_safe = True
 
@@ -324,9 +327,10 @@ class SaveModels(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None) -> None:
         if not self.replicas.chief:
             return
-        if self.best.improved:
-            self._save("best.keras")
         self._save("last.keras")
+        if self.best.improved:
+            with replacing(self.run_dir / "best.keras") as tmp:
+                shutil.copyfile(self.run_dir / "last.keras", tmp)
 
 
 class SaveState(keras.callbacks.Callback):

@@ -293,7 +293,7 @@ def test_squeeze_excite_gates_every_residual_branch(tmp_path):
 
 def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir):
     """model.pooling: attention replaces ResNet18's average pooling by 4 heads (4x the
-    features); a few epochs on real radiographs move each head off the uniform
+    features); five epochs on real radiographs move each head off the uniform
     weighting, and the squeeze-and-excitation gates then differ from radiograph to
     radiograph; the model reloads as the same network and Grad-CAM explains it."""
     import pandas as pd
@@ -306,6 +306,7 @@ def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir)
         (64, 64)), np.float32) for i in table["id"]])[..., None]
     ages = table["boneage"].to_numpy(np.float32)
     cfg = ("model.backbone=resnet18", "model.width=0.25", "model.stem_pool=false")
+    keras.utils.set_random_seed(1)   # the initial weights too: the same run every time
     model = build_model(_cfg(*cfg, "model.pooling=attention", "model.squeeze_excite=true"),
                         ages.mean(), ages.std())
     backbone = model.get_layer("resnet18")
@@ -313,8 +314,7 @@ def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir)
     assert build_model(_cfg(*cfg)).get_layer("resnet18").output.shape[-1] == 128
     pool = backbone.get_layer("attention_pool")
     model.compile(keras.optimizers.Adam(3e-3), loss="mae")
-    keras.utils.set_random_seed(0)
-    model.fit(images, ages, batch_size=32, epochs=3, verbose=0)
+    model.fit(images, ages, batch_size=32, epochs=5, verbose=0)
     kernel = keras.ops.convert_to_numpy(pool.kernel)
     assert np.abs(kernel).max() > 1e-3
     # each head's weights over the 4 x 4 positions of the real images' feature maps

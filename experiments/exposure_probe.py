@@ -32,7 +32,14 @@ BOOTSTRAP = 1000
 
 
 def _changes():
+    import functools
+
     import numpy as np
+
+    from boneage_keras.images import load_image
+
+    # each image decoded once, whatever the number of changes
+    decoded = functools.lru_cache(maxsize=None)(load_image)
 
     def shift(delta):
         return lambda v: v + delta
@@ -48,12 +55,10 @@ def _changes():
              "gamma 0.8": gamma(0.8), "gamma 1.25": gamma(1.25)}
 
     def reader(change):
-        from boneage_keras.images import load_image
-
         def read(path, image_size, geometry, random_crop):
-            image = load_image(path, image_size, geometry, random_crop)
+            image = decoded(path, image_size, geometry, random_crop)
             if change is None:
-                return image
+                return image.copy()
             changed = change(image.astype(np.float64))
             return np.clip(np.rint(changed), 0, 255).astype(np.uint8)
         return read
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from boneage_keras.evaluate import _attach_paths, _split_rows
     from boneage_keras.files import write_json
     from boneage_keras.inference import open_predictor, predict_images
+    from boneage_keras.metrics import paired_bootstrap_mae
 
     readers = _changes()
     results = []
@@ -93,17 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             pred = predict_images(model, rows["path"].tolist(), male, progress=False,
                                   reader=read).predicted
             errors[name] = pred - truth
-        rng = np.random.default_rng(0)
-        picks = rng.integers(0, len(truth), size=(BOOTSTRAP, len(truth)))
         base = np.abs(errors["none"])
         for name, err in errors.items():
-            diff = np.abs(err) - base
-            boot = diff[picks].mean(axis=1)
+            paired = paired_bootstrap_mae(base, np.abs(err), n_resamples=BOOTSTRAP)
             row = {"model": model_path, "change": name, "n": len(truth),
                    "mae": float(np.abs(err).mean()), "mean_error": float(err.mean()),
-                   "mae_diff": float(diff.mean()),
-                   "ci95": [float(np.percentile(boot, 2.5)),
-                            float(np.percentile(boot, 97.5))]}
+                   "mae_diff": paired["difference"],
+                   "ci95": [paired["ci_low"], paired["ci_high"]]}
             results.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'model':<40} {'change':<13} {'MAE':>6} {'mean err':>9} {'vs none (95% CI)':>26}")

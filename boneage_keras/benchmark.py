@@ -95,7 +95,8 @@ def _minutes(run_dir: Path) -> float | None:
 def _with_calibration(run_dir: Path, eval_dir: Path, metrics: dict[str, Any], tta: int,
                       mc_samples: int) -> dict[str, Any]:
     """``metrics`` with the run's calibration (bias correction and 90% interval, fitted
-    on its calibration split) scored on the same held-out images; the main figures stay
+    on its calibration split, with the validation split where it kept its last epoch)
+    scored on the same held-out images; the main figures stay
     the model's own, so variants compare as trained."""
     try:
         cal = calibrate_run(run_dir, tta=tta, mc_samples=mc_samples)

@@ -1,6 +1,8 @@
 """Predictions that mean what they say, fitted on a split of the run that neither
-trained the model nor chose its checkpoint (its calibration split; the validation
-split where a run has none, with slightly optimistic residuals).
+trained the model nor chose its checkpoint (its calibration split, with its
+validation split where the run keeps its last epoch; the validation split where a run
+has no calibration split, with slightly optimistic residuals if it chose the
+checkpoint).
 
 * **Regression to the mean.** A model trained briefly pulls every age toward the
   training mean (young children too old, teenagers too young). On that split,
@@ -19,7 +21,8 @@ split where a run has none, with slightly optimistic residuals).
     >>> corrected, lower, upper = apply_calibration(cal, test_predicted, test_std)
 
 It is fitted at the end of ``boneage train`` on the run's calibration split
-(``data.calibration_fraction``), or by ``boneage evaluate RUN --recalibrate``, stored
+(``data.calibration_fraction``; with the validation split under ``train.monitor:
+last``), or by ``boneage evaluate RUN --recalibrate``, stored
 in the run (``calibration.json``) and in an export's model.json, and applied by
 evaluate, predict and the exported model's users; it is never scored on the images it
 was fitted on.

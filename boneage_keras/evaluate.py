@@ -259,7 +259,8 @@ def evaluate_run(run_dir: str | Path | Sequence[str | Path], split: str = "auto"
     run must have held those images out of its training (same split), else it is an
     error, since the ensemble's figures would be optimistic. ``recalibrate`` fits the
     linear correction and the conformal 90% interval on the run's calibration split
-    (else its validation split; stored in the first run's calibration.json) and
+    (with its validation split where the run kept its last epoch; else its validation
+    split; stored in the first run's calibration.json) and
     scores them on the selection or test split."""
     runs = [Path(r) for r in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
     for run in runs:
@@ -313,11 +314,24 @@ def _cache_of(cfg: Any, data_dir: str | Path | None) -> tuple[Any, Any]:
     return data_dir or cfg.data.data_dir, cfg.data.cache_dir
 
 
-def calibration_split(splits: pd.Series) -> str:
-    """The split a run's calibration is fitted on: its calibration split (held out from
-    training and from choosing the checkpoint), else the validation split (which chose
-    the checkpoint: its residuals are a little small)."""
-    return "calibration" if "calibration" in set(splits) else "val"
+def calibration_splits(splits: pd.Series, monitor: str) -> tuple[str, ...]:
+    """The splits a run's calibration is fitted on: its calibration split (held out from
+    training and from choosing the checkpoint), joined by its validation split where
+    the run keeps its last epoch (``train.monitor: last``, no early stopping: the
+    validation images chose nothing, and three times the images steady the fit); the
+    validation split alone where a run has no calibration split (where it chose the
+    checkpoint, its residuals are a little small)."""
+    present = set(splits)
+    if "calibration" not in present:
+        return ("val",)
+    return ("calibration", "val") if monitor == "last" and "val" in present \
+        else ("calibration",)
+
+
+def fitted_on(names: Sequence[str]) -> str:
+    """How calibration.json names the splits it was fitted on."""
+    words = ["validation" if n == "val" else n for n in names]
+    return f"{' and '.join(words)} split{'s' if len(words) > 1 else ''}"
 
 
 def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
@@ -325,17 +339,17 @@ def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
                          ) -> dict[str, Any]:
     """Fit the run's linear correction and conformal 90% interval (calibration.json)."""
     split_csv = run / "split.csv"
-    name = calibration_split(pd.read_csv(split_csv, dtype={"id": str})["split"])
-    rows = _attach_paths(_split_rows(split_csv, name), data_dir or cfg.data.data_dir,
-                         cfg.data.cache_dir)
+    names = calibration_splits(pd.read_csv(split_csv, dtype={"id": str})["split"],
+                               cfg.train.monitor)
+    rows = _attach_paths(pd.concat([_split_rows(split_csv, n) for n in names]),
+                         data_dir or cfg.data.data_dir, cfg.data.cache_dir)
     cached_data, cache_dir = _cache_of(cfg, data_dir)
     fit = predict_images(models if len(models) > 1 else models[0], rows["path"].tolist(),
                          rows["male"].to_numpy(), tta=tta, mc_samples=mc_samples,
                          reader=reader_for(rows, cached_data, cfg.data.image_size,
                                            geometry(cfg.data), cache_dir))
     calibration = fit_calibration(rows["boneage"].to_numpy(), fit.predicted, fit.std,
-                                  fitted_on=f"{'validation' if name == 'val' else name} "
-                                            "split")
+                                  fitted_on=fitted_on(names))
     calibration.update(tta=tta, mc_samples=mc_samples, members=len(models))
     write_json(run / "calibration.json", calibration)
     return calibration
@@ -344,13 +358,14 @@ def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
 def calibrate_run(run_dir: str | Path, data_dir: str | Path | None = None,
                   tta: int = 1, mc_samples: int = 0) -> dict[str, Any]:
     """Fit a finished run's bias correction and conformal 90% interval on its
-    calibration split, with best.keras, into its calibration.json (what
+    calibration split (and its validation split under ``train.monitor: last``, see
+    :func:`calibration_splits`), with best.keras, into its calibration.json (what
     ``predict --recalibrate`` and an export's model.json carry). Raises
     CalibrationError where none can be fitted (too few images, a model that does not
     yet follow age)."""
     run = Path(run_dir)
     splits = pd.read_csv(run / "split.csv", dtype={"id": str})["split"]
-    if calibration_split(splits) != "calibration":
+    if "calibration" not in set(splits):
         raise CalibrationError(
             f"{run} has no calibration split, held out from training and from choosing "
             "the checkpoint, to fit one on (data.calibration_fraction cuts one where it "

@@ -133,8 +133,8 @@ def benchmark_summary(result: dict[str, Any], out_dir: Any) -> str:
                 f"{'-':>9}" if b is None else f"{b:>+9.2f}" for b in biases))
     calibrated = [r for r in result["rows"] if "calibrated" in r]
     if calibrated:
-        lines.append("each run's calibration (fitted on its calibration split), on the "
-                     "same images:")
+        lines.append("each run's calibration (fitted on images it neither trained on "
+                     "nor was chosen on), on the same images:")
         lines.append(f"{'':<22}{'MAE':>7}{'acc+-12':>9}{'+-months':>9}{'covered':>9}"
                      + "".join(f"{g:>9}" for g in groups))
         for r in calibrated:

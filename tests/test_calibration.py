@@ -125,3 +125,39 @@ def test_training_ends_with_the_runs_calibration(trained_run, tmp_path, bulk_dir
                                             image]).stdout))
     np.testing.assert_allclose(out["upper90"] - out["lower90"], 2 * saved["half_width"],
                                atol=0.01)
+
+
+def test_a_run_that_keeps_its_last_epoch_calibrates_on_validation_too():
+    """Validation chooses the checkpoint (and stops early) unless the run keeps its
+    last epoch: only then may its images join the calibration split's."""
+    from boneage_keras.evaluate import calibration_splits, fitted_on
+
+    both = pd.Series(["train", "val", "calibration", "selection"])
+    assert calibration_splits(both, "last") == ("calibration", "val")
+    assert calibration_splits(both, "val_tolerance_accuracy") == ("calibration",)
+    assert calibration_splits(pd.Series(["train", "val", "test"]), "last") == ("val",)
+    assert fitted_on(("calibration", "val")) == "calibration and validation splits"
+
+
+def test_a_last_epoch_run_is_calibrated_on_both_held_out_splits(trained_run, tmp_path):
+    """The trained run, as if it had kept its last epoch: calibration.json is fitted on
+    its calibration and validation images, and scored on its test split."""
+    import yaml
+
+    from boneage_keras.evaluate import calibrate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval*", "*.png",
+                                                                   "calibration.json"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"].update(monitor="last", early_stopping_patience=None)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})["split"]
+    n_cal, n_val = int((split == "calibration").sum()), int((split == "val").sum())
+    assert n_cal >= 20 and n_val >= 20
+    saved = calibrate_run(run)
+    assert saved["fitted_on"] == "calibration and validation splits"
+    assert saved["n"] == n_cal + n_val
+    assert json.loads((run / "calibration.json").read_text())["n"] == n_cal + n_val
+    proc = cli_here(["evaluate", run, "--recalibrate", "--out", tmp_path / "eval"])
+    assert "fitted on the calibration and validation splits" in proc.stdout + proc.stderr

@@ -338,10 +338,9 @@ def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
                          data_dir: str | Path | None, tta: int, mc_samples: int
                          ) -> dict[str, Any]:
     """Fit the run's linear correction and conformal 90% interval (calibration.json)."""
-    split_csv = run / "split.csv"
-    names = calibration_splits(pd.read_csv(split_csv, dtype={"id": str})["split"],
-                               cfg.train.monitor)
-    rows = _attach_paths(pd.concat([_split_rows(split_csv, n) for n in names]),
+    split = pd.read_csv(run / "split.csv", dtype={"id": str})
+    names = calibration_splits(split["split"], cfg.train.monitor)
+    rows = _attach_paths(split[split["split"].isin(names)],
                          data_dir or cfg.data.data_dir, cfg.data.cache_dir)
     cached_data, cache_dir = _cache_of(cfg, data_dir)
     fit = predict_images(models if len(models) > 1 else models[0], rows["path"].tolist(),

@@ -106,6 +106,9 @@ class ModelConfig:
     # every ResNet18 block's residual branch gated per channel from its global average
     # (squeeze-and-excitation, Hu et al. 2018)
     squeeze_excite: bool = False
+    # every ResNet18 block's last batch norm starts at scale zero, so each block starts
+    # as its shortcut (Goyal et al. 2017)
+    zero_init_residual: bool = False
     # the head predicts probabilities over 1-month bins spanning data.age_range and
     # returns their expected age (false: one linear output scaled to months)
     age_distribution: bool = False
@@ -351,6 +354,9 @@ def _validate(cfg: Config) -> None:
     check(not m.squeeze_excite or m.backbone == "resnet18", "model.squeeze_excite",
           m.squeeze_excite, "false unless model.backbone is resnet18 (the Keras "
           "applications have fixed blocks)")
+    check(not m.zero_init_residual or m.backbone == "resnet18", "model.zero_init_residual",
+          m.zero_init_residual, "false unless model.backbone is resnet18 (the Keras "
+          "applications bring their own initialisation)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
           "mae, mse or huber unless model.age_distribution is true (ldl learns the "

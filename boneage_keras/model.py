@@ -351,10 +351,12 @@ def with_fused_layers(model: keras.Model) -> keras.Model:
     return clone
 
 
-def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True,
+             zero_gamma: bool = False):
     x = Conv(filters, kernel, strides=stride, padding="same", use_bias=False,
              name=f"{name}_conv")(x)
-    x = BatchNorm(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    x = BatchNorm(momentum=0.9, epsilon=1e-5, name=f"{name}_bn",
+                  gamma_initializer="zeros" if zero_gamma else "ones")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
@@ -368,7 +370,8 @@ def _squeeze_excite(x, filters: int, name: str):
 def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
              stem_pool: bool = True, stem_stride: int = 2,
              sex_film: bool = False, pooling: str = "avg",
-             squeeze_excite: bool = False) -> keras.Model:
+             squeeze_excite: bool = False,
+             zero_init_residual: bool = False) -> keras.Model:
     """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, pooled.
 
     Keras ships no ResNet18; this compact definition matches torchvision's layout
@@ -387,7 +390,9 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     :class:`AttentionPool` (4 heads: 4x the features). ``squeeze_excite=True``
     rescales every block's residual branch per channel by a gate computed from its
     global average (squeeze-and-excitation, Hu et al. 2018; a quarter of the channels
-    in the bottleneck, at least 4).
+    in the bottleneck, at least 4). ``zero_init_residual=True`` starts every block's
+    last batch-norm scale at zero: each block starts as its shortcut, and the network
+    as a shallow one that grows its depth (Goyal et al. 2017).
     """
     def channels(n: int) -> int:
         return max(8, round(n * width))
@@ -405,7 +410,8 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
             if stride != 1 or x.shape[-1] != filters:
                 shortcut = _conv_bn(x, filters, 1, stride, f"{name}_down", relu=False)
             y = _conv_bn(x, filters, 3, stride, f"{name}_a")
-            y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
+            y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False,
+                         zero_gamma=zero_init_residual)
             if squeeze_excite:
                 y = _squeeze_excite(y, filters, name)
             x = layers.Activation("relu", name=f"{name}_out")(layers.Add()([shortcut, y]))
@@ -421,14 +427,16 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
 def build_backbone(name: str, image_size: int, weights: str | None,
                    width: float = 1.0, stem_pool: bool = True,
                    stem_stride: int = 2, sex_film: bool = False,
-                   pooling: str = "avg", squeeze_excite: bool = False) -> keras.Model:
+                   pooling: str = "avg", squeeze_excite: bool = False,
+                   zero_init_residual: bool = False) -> keras.Model:
     """A headless, pooled backbone with ImageNet, no, or file weights;
     ``width`` (ResNet18 only) scales its channels, ``stem_pool=False`` (ResNet18 only)
     drops its stem's max-pool, ``stem_stride`` (ResNet18 only) is its stem
     convolution's stride, ``sex_film`` (ResNet18 only) makes it take ``[image, male]``
     and modulate every stage by sex, ``pooling`` (ResNet18 only; the others average)
     is ``avg`` or ``attention``, ``squeeze_excite`` (ResNet18 only) gates every
-    block's channels."""
+    block's channels, ``zero_init_residual`` (ResNet18 only) starts every block as its
+    shortcut."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
                          + ", ".join(BACKBONE_SPECS) + ".")
@@ -439,7 +447,7 @@ def build_backbone(name: str, image_size: int, weights: str | None,
             raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
                                "model.weights=none or a path to a weights file you saved.")
         backbone = resnet18(shape, width, stem_pool, stem_stride, sex_film, pooling,
-                            squeeze_excite)
+                            squeeze_excite, zero_init_residual)
         if weights is not None:
             _load_weights_file(backbone, weights)
         return backbone
@@ -488,7 +496,8 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
     x = GrayPreprocess(mode, size, d.resize, d.crop_hand, cfg.augment.random_crop,
                        m.standardize, name="preprocess")(image)
     backbone = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool,
-                              m.stem_stride, m.sex_film, m.pooling, m.squeeze_excite)
+                              m.stem_stride, m.sex_film, m.pooling, m.squeeze_excite,
+                              m.zero_init_residual)
     inputs: Any = image
     male = keras.Input((1,), name=SEX) if m.use_sex else None
     x = backbone([x, male]) if m.sex_film else backbone(x)

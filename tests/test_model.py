@@ -291,6 +291,29 @@ def test_squeeze_excite_gates_every_residual_branch(tmp_path):
                                model.predict(images, verbose=0), atol=1e-5)
 
 
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    """model.zero_init_residual: every block's last batch-norm scale starts at zero, so
+    an untrained stage-1 block passes its input on unchanged (identity shortcut, ReLU
+    of a ReLU output) and the downsampling blocks their projected shortcut; without it
+    the residual branch changes the block's output."""
+    cfg = ("model.backbone=resnet18", "model.width=0.25", "model.stem_pool=false")
+    x = np.random.default_rng(5).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    for zero in (True, False):
+        model = build_model(_cfg(*cfg, f"model.zero_init_residual={str(zero).lower()}"))
+        backbone = model.get_layer("resnet18")
+        gammas = [layer.get_weights()[0] for layer in backbone.layers
+                  if layer.name.endswith("_b_bn")]
+        assert len(gammas) == 8 and all((g == 0).all() == zero for g in gammas)
+        probe = keras.Model(backbone.inputs, [backbone.get_layer("stem_relu").output,
+                                              backbone.get_layer("stage1_block0_out").output])
+        stem, block = (keras.ops.convert_to_numpy(t)
+                       for t in probe(model.get_layer("preprocess")(x)))
+        if zero:
+            np.testing.assert_allclose(block, stem, atol=1e-6)
+        else:
+            assert np.abs(block - stem).mean() > 1e-3 * np.abs(stem).mean()
+
+
 def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir):
     """model.pooling: attention replaces ResNet18's average pooling by 4 heads (4x the
     features); five epochs on real radiographs move each head off the uniform

@@ -133,7 +133,7 @@ def _row(name: str, metrics: dict[str, Any], minutes: float | None,
         row["calibrated"] = {
             "mae": after["mae"], "tolerance_accuracy": after["tolerance_accuracy"],
             "bias_by_age_group": after["bias_by_age_group"],
-            "half_width": metrics["recalibration"]["fit"]["half_width"],
+            "half_width": interval["mean_width"] / 2,   # months, on these images
             "coverage": interval["coverage"],
             "coverage_by_age_group": {g: r.get("coverage") for g, r in
                                       interval["by_age_group"].items()}}

@@ -15,7 +15,13 @@ checkpoint).
   the finite-sample correction) of |true - corrected| (``absolute``: one width for all
   images) or of |true - corrected| / std (``scaled``: wider where the model is less
   sure, from MC dropout or an ensemble's spread) gives the half-width that covers
-  ``level`` of new images from the same population.
+  ``level`` of new images from the same population. Given ``age_groups`` and no std,
+  the interval is fitted per group of the corrected age (``by_age``, Mondrian
+  conformal, Vovk et al. 2003): in each group the lower and upper (1 - level) / 2
+  quantiles of true - corrected, so each group of predicted ages gets its own width
+  and its own asymmetry (where the model still pulls the oldest towards the mean,
+  the interval reaches further up); a group with fewer than ``MIN_GROUP_IMAGES``
+  images uses the offsets of all the images.
 
     >>> cal = fit_calibration(cal_truth, cal_predicted, cal_std, level=0.9)
     >>> corrected, lower, upper = apply_calibration(cal, test_predicted, test_std)
@@ -31,6 +37,7 @@ was fitted on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -38,16 +45,41 @@ import numpy as np
 from .errors import BoneAgeError
 
 MIN_IMAGES = 20
+MIN_GROUP_IMAGES = 20  # the fewest for a finite 95% quantile: (n + 1) * 0.95 <= n
 
 
 class CalibrationError(BoneAgeError, ValueError):
     """A calibration cannot be fitted or applied; the message says why."""
 
 
+def _quantile(values: np.ndarray, level: float) -> float:
+    """The split-conformal quantile: the ceil((n + 1) * level)-th smallest value."""
+    rank = min(len(values), math.ceil((len(values) + 1) * level))
+    return float(np.sort(values)[rank - 1])
+
+
+def _signed_offsets(residual: np.ndarray, level: float) -> tuple[float, float]:
+    """The lower and upper offsets that each leave (1 - level) / 2 of the signed
+    residuals (true - corrected) outside."""
+    tail = 1.0 - (1.0 - level) / 2.0
+    return -_quantile(-residual, tail), _quantile(residual, tail)
+
+
+def _group_index(uppers: list[float], corrected: np.ndarray) -> np.ndarray:
+    """Each corrected age's group: the first whose upper bound it does not pass
+    (below the first: the first; beyond the last: the last)."""
+    return np.minimum(np.searchsorted(np.asarray(uppers, np.float64), corrected,
+                                      side="left"), len(uppers) - 1)
+
+
 def fit_calibration(truth: np.ndarray, predicted: np.ndarray,
                     std: np.ndarray | None = None, level: float = 0.9,
-                    fitted_on: str = "validation split") -> dict[str, Any]:
-    """The linear recalibration and the conformal interval, fitted on one split."""
+                    fitted_on: str = "validation split",
+                    age_groups: Sequence[tuple[int, int]] | None = None
+                    ) -> dict[str, Any]:
+    """The linear recalibration and the conformal interval, fitted on one split;
+    ``age_groups`` ((low, high) months, in order) fits the interval per group of the
+    corrected age where no ``std`` is given."""
     truth = np.asarray(truth, np.float64).reshape(-1)
     predicted = np.asarray(predicted, np.float64).reshape(-1)
     n = len(truth)
@@ -67,11 +99,35 @@ def fit_calibration(truth: np.ndarray, predicted: np.ndarray,
         std = np.maximum(np.asarray(std, np.float64).reshape(-1), 1e-6)
         residual = residual / std
         kind = "scaled"
-    rank = min(n, math.ceil((n + 1) * level))
-    half_width = float(np.sort(residual)[rank - 1])
-    return {"slope": float(slope), "intercept": float(intercept),
-            "pull": {"slope": float(b), "intercept": float(a)}, "level": level,
-            "interval": kind, "half_width": half_width, "fitted_on": fitted_on, "n": n}
+    cal = {"slope": float(slope), "intercept": float(intercept),
+           "pull": {"slope": float(b), "intercept": float(a)}, "level": level,
+           "interval": kind, "half_width": _quantile(residual, level),
+           "fitted_on": fitted_on, "n": n}
+    if std is None and age_groups:
+        signed = truth - corrected
+        pooled = _signed_offsets(signed, level)
+        which = _group_index([high for _, high in age_groups], corrected)
+        groups = []
+        for i, (low, high) in enumerate(age_groups):
+            members = signed[which == i]
+            enough = len(members) >= MIN_GROUP_IMAGES
+            lower, upper = _signed_offsets(members, level) if enough else pooled
+            groups.append({"ages": f"{low}-{high}", "upto": high, "n": int(len(members)),
+                           "lower": lower, "upper": upper, "pooled": not enough})
+        cal.update(interval="by_age", groups=groups)
+    return cal
+
+
+def describe_interval(cal: dict[str, Any]) -> str:
+    """The interval of a calibration in words, e.g. ``90% interval +-22.6 months``."""
+    head = f"{cal['level']:.0%} interval"
+    if cal["interval"] == "scaled":
+        return f"{head} +-{cal['half_width']:.2f} x std"
+    if cal["interval"] == "by_age":
+        return f"{head} by corrected age: " + ", ".join(
+            f"{g['ages']} {g['lower']:+.1f}/{g['upper']:+.1f}" for g in cal["groups"]) \
+            + " months"
+    return f"{head} +-{cal['half_width']:.1f} months"
 
 
 def apply_calibration(cal: dict[str, Any], predicted: np.ndarray,
@@ -86,6 +142,12 @@ def apply_calibration(cal: dict[str, Any], predicted: np.ndarray,
                                    "std: predict with the same --mc-samples (or ensemble) "
                                    "it was fitted with.")
         half = cal["half_width"] * np.maximum(np.asarray(std, np.float64), 1e-6)
+    elif cal["interval"] == "by_age":
+        groups = cal["groups"]
+        which = _group_index([g["upto"] for g in groups], corrected)
+        lower = np.array([g["lower"] for g in groups], np.float64)[which]
+        upper = np.array([g["upper"] for g in groups], np.float64)[which]
+        return corrected, corrected + lower, corrected + upper
     else:
         half = np.full_like(corrected, cal["half_width"])
     return corrected, corrected - half, corrected + half

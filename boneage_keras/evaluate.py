@@ -23,7 +23,7 @@ import pandas as pd
 from .cache import reader_for
 from .calibration import CalibrationError, apply_calibration, fit_calibration
 from .config import geometry, load_config
-from .data import CALIBRATION_MIN_IMAGES, DataError, load_dataset
+from .data import AGE_GROUPS, CALIBRATION_MIN_IMAGES, DataError, load_dataset
 from .files import check_output_dir, write_csv, write_json
 from .images import load_image
 from .inference import (
@@ -337,7 +337,9 @@ def fitted_on(names: Sequence[str]) -> str:
 def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
                          data_dir: str | Path | None, tta: int, mc_samples: int
                          ) -> dict[str, Any]:
-    """Fit the run's linear correction and conformal 90% interval (calibration.json)."""
+    """Fit the run's linear correction and conformal 90% interval (calibration.json;
+    per group of corrected age unless MC dropout or an ensemble gives each image a
+    std)."""
     split = pd.read_csv(run / "split.csv", dtype={"id": str})
     names = calibration_splits(split["split"], cfg.train.monitor)
     rows = _attach_paths(split[split["split"].isin(names)],
@@ -348,7 +350,7 @@ def _fit_run_calibration(run: Path, cfg: Any, models: list[KerasPredictor],
                          reader=reader_for(rows, cached_data, cfg.data.image_size,
                                            geometry(cfg.data), cache_dir))
     calibration = fit_calibration(rows["boneage"].to_numpy(), fit.predicted, fit.std,
-                                  fitted_on=fitted_on(names))
+                                  fitted_on=fitted_on(names), age_groups=AGE_GROUPS)
     calibration.update(tta=tta, mc_samples=mc_samples, members=len(models))
     write_json(run / "calibration.json", calibration)
     return calibration

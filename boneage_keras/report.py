@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .calibration import describe_interval
 from .files import write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -68,9 +69,8 @@ def _extras(metrics: dict[str, Any], tol: float) -> list[str]:
         fitted_on = fit.get("fitted_on", "validation split")
         parts += [f"<h3>Recalibration (fitted on the {fitted_on})</h3>",
                   (f"<p>corrected = {fit['intercept']:.2f} + {fit['slope']:.3f} × predicted; "
-                   f"{iv['level']:.0%} interval: split-conformal ({iv['kind']}), half-width "
-                   f"{fit['half_width']:.2f}{' × std' if iv['kind'] == 'scaled' else ''} "
-                   f"months, fitted on {fit['n']} images of the {fitted_on}.</p>"),
+                   f"split-conformal ({iv['kind']}) {html.escape(describe_interval(fit))}, "
+                   f"fitted on {fit['n']} images of the {fitted_on}.</p>"),
                   _table(["", "MAE", f"±{tol:g} mo accuracy", "slope (pred on true)"]
                          + [f"bias {g}" for g in r["before"]["bias_by_age_group"]],
                          [[name, r[key]["mae"], r[key]["tolerance_accuracy"],

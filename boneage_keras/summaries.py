@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from .calibration import describe_interval
+
 
 def train_summary(run_dir: Any, best_epoch: int, best: dict[str, float],
                   process: str | None = None) -> str:
@@ -25,7 +27,7 @@ def calibration_summary(run_dir: Any, calibration: dict[str, Any]) -> str:
     """The calibration fitted at the end of training, in one line."""
     return (f"calibration ({calibration['fitted_on']}, {calibration['n']} images): "
             f"corrected = {calibration['intercept']:+.2f} + {calibration['slope']:.3f} x "
-            f"predicted, 90% interval +-{calibration['half_width']:.1f} months; in "
+            f"predicted, {describe_interval(calibration)}; in "
             f"{run_dir}/calibration.json, used by `predict --recalibrate`")
 
 

@@ -14,8 +14,10 @@ from conftest import cli_here
 from boneage_keras.calibration import (
     CalibrationError,
     apply_calibration,
+    describe_interval,
     fit_calibration,
 )
+from boneage_keras.data import AGE_GROUPS, assign_age_group
 
 
 def _shrunk(rng, n, noise_scale=None):
@@ -49,6 +51,70 @@ def test_conformal_intervals_cover_new_images(scaled):
         fit_calibration(truth[:5], predicted[:5])
 
 
+def _uneven(rng, n):
+    """Errors that grow with age and, for the oldest, lean low."""
+    truth = rng.uniform(0, 228, n)
+    noise = np.where(truth <= 60, 4.0, np.where(truth <= 180, 12.0, 20.0))
+    predicted = truth + rng.normal(0, noise) - np.where(truth > 180, 8.0, 0.0)
+    return truth, predicted
+
+
+def test_intervals_by_age_cover_every_age_group():
+    """With age_groups, each group of corrected ages gets its own conformal offsets:
+    about 90% of every true-age group covered, where one width for all over-covers
+    the youngest (small errors) and under-covers the oldest (large errors)."""
+    rng = np.random.default_rng(1)
+    truth, predicted = _uneven(rng, 3000)
+    pooled = fit_calibration(truth, predicted)
+    grouped = fit_calibration(truth, predicted, age_groups=AGE_GROUPS)
+    assert grouped["interval"] == "by_age" and pooled["interval"] == "absolute"
+    assert [g["ages"] for g in grouped["groups"]] == ["0-60", "61-120", "121-180",
+                                                      "181-240"]
+    assert sum(g["n"] for g in grouped["groups"]) == 3000
+    assert not any(g["pooled"] for g in grouped["groups"])
+    young, old = grouped["groups"][0], grouped["groups"][-1]
+    assert young["upper"] - young["lower"] < 0.6 * (old["upper"] - old["lower"])
+    new_truth, new_predicted = _uneven(rng, 30000)
+    groups = assign_age_group(new_truth)
+    cover = {}
+    for cal in (pooled, grouped):
+        _, lower, upper = apply_calibration(cal, new_predicted)
+        inside = (new_truth >= lower) & (new_truth <= upper)
+        assert inside.mean() == pytest.approx(0.9, abs=0.02)
+        cover[cal["interval"]] = [inside[groups == g].mean() for g in ("0-60", "181-240")]
+    assert cover["absolute"][0] > 0.98 and cover["absolute"][1] < 0.75
+    # grouped by the corrected age, not the (unknown) true one: closer to 90%, not at it
+    assert 0.86 <= cover["by_age"][0] <= 0.95 and 0.8 <= cover["by_age"][1] <= 0.94
+    assert describe_interval(grouped).startswith("90% interval by corrected age: 0-60 -")
+    assert describe_interval(pooled) == f"90% interval +-{pooled['half_width']:.1f} months"
+
+
+def test_a_group_too_small_for_its_own_interval_takes_all_images_offsets():
+    rng = np.random.default_rng(2)
+    truth, predicted = _uneven(rng, 400)
+    keep = (truth > 60) | (np.arange(400) < 10)     # 10 young images left at most
+    cal = fit_calibration(truth[keep], predicted[keep], age_groups=AGE_GROUPS)
+    young = cal["groups"][0]
+    assert young["n"] < 20 and young["pooled"]
+    everyone = np.sort(truth[keep] - apply_calibration(cal, predicted[keep])[0])
+    assert everyone[0] <= young["lower"] < young["upper"] <= everyone[-1]
+    assert not cal["groups"][2]["pooled"]
+    assert (young["lower"], young["upper"]) != (cal["groups"][2]["lower"],
+                                                cal["groups"][2]["upper"])
+    # a std (MC dropout, an ensemble) keeps the scaled interval
+    assert fit_calibration(truth, predicted, np.full(400, 10.0),
+                           age_groups=AGE_GROUPS)["interval"] == "scaled"
+
+
+def _stored_interval(cal, corrected):
+    """Each corrected age's interval, looked up by hand in calibration.json's groups."""
+    rows = []
+    for value in corrected:
+        group = next((g for g in cal["groups"] if value <= g["upto"]), cal["groups"][-1])
+        rows.append((value + group["lower"], value + group["upper"]))
+    return np.array(rows)
+
+
 def test_evaluate_recalibrates_on_the_calibration_split_and_scores_on_test(
         trained_run, tmp_path, bulk_dir):
     run = tmp_path / "run"
@@ -78,8 +144,9 @@ def test_evaluate_recalibrates_on_the_calibration_split_and_scores_on_test(
     out = cli_here(["predict", "--model", run, "--recalibrate", *images]).stdout
     table = pd.read_csv(io.StringIO(out))
     np.testing.assert_allclose(table["predicted"], preds["predicted"].head(5), atol=0.02)
-    np.testing.assert_allclose(table["upper90"] - table["lower90"],
-                               2 * saved["half_width"], atol=0.01)
+    assert saved["interval"] == "by_age"
+    np.testing.assert_allclose(table[["lower90", "upper90"]],
+                               _stored_interval(saved, table["predicted"]), atol=0.01)
     # fitted without TTA: predicting with TTA and this calibration is refused
     proc = cli_here(["predict", "--model", run, "--recalibrate", "--tta", "2", *images],
                     check=False)
@@ -123,8 +190,8 @@ def test_training_ends_with_the_runs_calibration(trained_run, tmp_path, bulk_dir
     image = str(bulk_dir / "images" / f"{split.loc[split['split'] == 'test', 'id'].iloc[0]}.png")
     out = pd.read_csv(io.StringIO(cli_here(["predict", "--model", run, "--recalibrate",
                                             image]).stdout))
-    np.testing.assert_allclose(out["upper90"] - out["lower90"], 2 * saved["half_width"],
-                               atol=0.01)
+    np.testing.assert_allclose(out[["lower90", "upper90"]],
+                               _stored_interval(saved, out["predicted"]), atol=0.01)
 
 
 def test_a_run_that_keeps_its_last_epoch_calibrates_on_validation_too():

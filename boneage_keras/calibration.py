@@ -115,6 +115,7 @@ def fit_calibration(truth: np.ndarray, predicted: np.ndarray,
             groups.append({"ages": f"{low}-{high}", "upto": high, "n": int(len(members)),
                            "lower": lower, "upper": upper, "pooled": not enough})
         cal.update(interval="by_age", groups=groups)
+        del cal["half_width"]        # the groups' offsets are the interval
     return cal
 
 

@@ -185,7 +185,9 @@ def test_training_ends_with_the_runs_calibration(trained_run, tmp_path, bulk_dir
     n = int((split["split"] == "calibration").sum())
     saved = json.loads((run / "calibration.json").read_text())
     assert saved["fitted_on"] == "calibration split" and saved["n"] == n
-    assert saved["half_width"] > 0 and saved["tta"] == 1 and saved["mc_samples"] == 0
+    assert saved["interval"] == "by_age" and "half_width" not in saved
+    assert all(g["lower"] < g["upper"] for g in saved["groups"])
+    assert saved["tta"] == 1 and saved["mc_samples"] == 0
     assert f"calibration (calibration split, {n} images)" in proc.stdout
     image = str(bulk_dir / "images" / f"{split.loc[split['split'] == 'test', 'id'].iloc[0]}.png")
     out = pd.read_csv(io.StringIO(cli_here(["predict", "--model", run, "--recalibrate",

@@ -109,6 +109,10 @@ class ModelConfig:
     # every ResNet18 block's last batch norm starts at scale zero, so each block starts
     # as its shortcut (Goyal et al. 2017)
     zero_init_residual: bool = False
+    # ResNet18's downsampling shortcuts average each 2x2 window before their 1x1
+    # convolution instead of striding past three of its four pixels (ResNet-D, He et
+    # al. 2019, "Bag of Tricks")
+    avg_down: bool = False
     # the head predicts probabilities over 1-month bins spanning data.age_range and
     # returns their expected age (false: one linear output scaled to months)
     age_distribution: bool = False
@@ -357,6 +361,9 @@ def _validate(cfg: Config) -> None:
     check(not m.zero_init_residual or m.backbone == "resnet18", "model.zero_init_residual",
           m.zero_init_residual, "false unless model.backbone is resnet18 (the Keras "
           "applications bring their own initialisation)")
+    check(not m.avg_down or m.backbone == "resnet18", "model.avg_down", m.avg_down,
+          "false unless model.backbone is resnet18 (the Keras applications have fixed "
+          "blocks)")
     check(m.head_units >= 0, "model.head_units", m.head_units, "an integer >= 0")
     check(t.loss != "ldl" or m.age_distribution, "train.loss", t.loss,
           "mae, mse or huber unless model.age_distribution is true (ldl learns the "

@@ -371,7 +371,7 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
              stem_pool: bool = True, stem_stride: int = 2,
              sex_film: bool = False, pooling: str = "avg",
              squeeze_excite: bool = False,
-             zero_init_residual: bool = False) -> keras.Model:
+             zero_init_residual: bool = False, avg_down: bool = False) -> keras.Model:
     """ResNet18 (He et al. 2016, basic blocks [2, 2, 2, 2]) without its top, pooled.
 
     Keras ships no ResNet18; this compact definition matches torchvision's layout
@@ -392,7 +392,9 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     global average (squeeze-and-excitation, Hu et al. 2018; a quarter of the channels
     in the bottleneck, at least 4). ``zero_init_residual=True`` starts every block's
     last batch-norm scale at zero: each block starts as its shortcut, and the network
-    as a shallow one that grows its depth (Goyal et al. 2017).
+    as a shallow one that grows its depth (Goyal et al. 2017). ``avg_down=True``
+    averages each 2x2 window before a downsampling shortcut's 1x1 convolution, which
+    then has stride 1, so the shortcut sees every pixel (ResNet-D, He et al. 2019).
     """
     def channels(n: int) -> int:
         return max(8, round(n * width))
@@ -407,7 +409,11 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
             stride = 2 if stage > 1 and block == 0 else 1
             name = f"stage{stage}_block{block}"
             shortcut = x
-            if stride != 1 or x.shape[-1] != filters:
+            if stride != 1 and avg_down:
+                shortcut = layers.AveragePooling2D(stride, padding="same",
+                                                   name=f"{name}_down_pool")(x)
+                shortcut = _conv_bn(shortcut, filters, 1, 1, f"{name}_down", relu=False)
+            elif stride != 1 or x.shape[-1] != filters:
                 shortcut = _conv_bn(x, filters, 1, stride, f"{name}_down", relu=False)
             y = _conv_bn(x, filters, 3, stride, f"{name}_a")
             y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False,
@@ -428,7 +434,8 @@ def build_backbone(name: str, image_size: int, weights: str | None,
                    width: float = 1.0, stem_pool: bool = True,
                    stem_stride: int = 2, sex_film: bool = False,
                    pooling: str = "avg", squeeze_excite: bool = False,
-                   zero_init_residual: bool = False) -> keras.Model:
+                   zero_init_residual: bool = False, avg_down: bool = False
+                   ) -> keras.Model:
     """A headless, pooled backbone with ImageNet, no, or file weights;
     ``width`` (ResNet18 only) scales its channels, ``stem_pool=False`` (ResNet18 only)
     drops its stem's max-pool, ``stem_stride`` (ResNet18 only) is its stem
@@ -436,7 +443,7 @@ def build_backbone(name: str, image_size: int, weights: str | None,
     and modulate every stage by sex, ``pooling`` (ResNet18 only; the others average)
     is ``avg`` or ``attention``, ``squeeze_excite`` (ResNet18 only) gates every
     block's channels, ``zero_init_residual`` (ResNet18 only) starts every block as its
-    shortcut."""
+    shortcut, ``avg_down`` (ResNet18 only) averages before each downsampling shortcut."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; choose one of "
                          + ", ".join(BACKBONE_SPECS) + ".")
@@ -447,7 +454,7 @@ def build_backbone(name: str, image_size: int, weights: str | None,
             raise WeightsError(f"no ImageNet weights exist for {name} in Keras. Set "
                                "model.weights=none or a path to a weights file you saved.")
         backbone = resnet18(shape, width, stem_pool, stem_stride, sex_film, pooling,
-                            squeeze_excite, zero_init_residual)
+                            squeeze_excite, zero_init_residual, avg_down)
         if weights is not None:
             _load_weights_file(backbone, weights)
         return backbone
@@ -497,7 +504,7 @@ def build_model(cfg: Config, label_mean: float = 127.0, label_std: float = 41.0)
                        m.standardize, name="preprocess")(image)
     backbone = build_backbone(m.backbone, size, m.weights, m.width, m.stem_pool,
                               m.stem_stride, m.sex_film, m.pooling, m.squeeze_excite,
-                              m.zero_init_residual)
+                              m.zero_init_residual, m.avg_down)
     inputs: Any = image
     male = keras.Input((1,), name=SEX) if m.use_sex else None
     x = backbone([x, male]) if m.sex_film else backbone(x)

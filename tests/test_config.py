@@ -80,6 +80,7 @@ def test_dotted_and_bare_overrides():
     ("model.pooling=max", ["model.pooling", "attention"]),
     ("model.squeeze_excite=true", ["model.squeeze_excite", "resnet18"]),
     ("model.zero_init_residual=true", ["model.zero_init_residual", "resnet18"]),
+    ("model.avg_down=true", ["model.avg_down", "resnet18"]),
     ("train.ema_decay=1", ["train.ema_decay", "0 < x < 1"]),
     ("train.swa_epochs=0", ["train.swa_epochs", "from 1 to train.epochs (50)"]),
     ("train.swa_epochs=51", ["train.swa_epochs", "from 1 to train.epochs (50)"]),

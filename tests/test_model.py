@@ -314,6 +314,39 @@ def test_zero_init_residual_starts_every_block_as_its_shortcut():
             assert np.abs(block - stem).mean() > 1e-3 * np.abs(stem).mean()
 
 
+@pytest.mark.parametrize("avg_down", [True, False])
+def test_avg_down_shortcut_sees_every_pixel(avg_down):
+    """model.avg_down: a downsampling shortcut averages each 2x2 window before its 1x1
+    convolution (ResNet-D); without it the strided 1x1 convolution reads one pixel in
+    four. With that convolution copying its input channels and its batch norm the
+    identity, the shortcut is the 2x2 average of stage 1's output, or every second
+    pixel of it."""
+    cfg = ("model.backbone=resnet18", "model.width=0.25", "model.stem_pool=false",
+           f"model.avg_down={str(avg_down).lower()}")
+    model = build_model(_cfg(*cfg))
+    backbone = model.get_layer("resnet18")
+    assert ("stage2_block0_down_pool" in [layer.name for layer in backbone.layers]) \
+        == avg_down
+    conv = backbone.get_layer("stage2_block0_down_conv")
+    kernel = np.zeros(conv.kernel.shape, "float32")            # (1, 1, 16, 32)
+    kernel[0, 0, np.arange(16), np.arange(16)] = 1.0
+    conv.set_weights([kernel])
+    bn = backbone.get_layer("stage2_block0_down_bn")
+    bn.set_weights([np.ones(32), np.zeros(32), np.zeros(32), np.full(32, 1 - 1e-5)])
+    x = model.get_layer("preprocess")(
+        np.random.default_rng(7).uniform(0, 255, (2, 64, 64, 1)).astype("float32"))
+    probe = keras.Model(backbone.inputs, [backbone.get_layer("stage1_block1_out").output,
+                                          bn.output])
+    stage1, shortcut = (keras.ops.convert_to_numpy(t) for t in probe(x))
+    assert stage1.shape == (2, 32, 32, 16) and shortcut.shape == (2, 16, 16, 32)
+    if avg_down:
+        expected = stage1.reshape(2, 16, 2, 16, 2, 16).mean(axis=(2, 4))
+    else:
+        expected = stage1[:, ::2, ::2]
+    np.testing.assert_allclose(shortcut[..., :16], expected, atol=1e-4)
+    np.testing.assert_allclose(shortcut[..., 16:], 0.0, atol=1e-6)
+
+
 def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir):
     """model.pooling: attention replaces ResNet18's average pooling by 4 heads (4x the
     features); five epochs on real radiographs move each head off the uniform

@@ -7,7 +7,9 @@
                           model.stem_stride: 1 runs the stem conv on every pixel,
                           model.sex_film: every stage scaled and shifted per
                           channel by sex, SexFiLM, model.squeeze_excite: every
-                          block's channels gated), EfficientNetB0, InceptionV3
+                          block's channels gated, model.zero_init_residual: blocks
+                          start as their shortcuts, model.avg_down: shortcuts
+                          average 2x2 before striding), EfficientNetB0, InceptionV3
       -> global average pooling                         model.pooling: attention
                                                         (ResNet18): 4 learned spatial
                                                         weightings, AttentionPool

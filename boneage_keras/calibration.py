@@ -19,9 +19,10 @@ checkpoint).
   the interval is fitted per group of the corrected age (``by_age``, Mondrian
   conformal, Vovk et al. 2003): in each group the lower and upper (1 - level) / 2
   quantiles of true - corrected, so each group of predicted ages gets its own width
-  and its own asymmetry (where the model still pulls the oldest towards the mean,
-  the interval reaches further up); a group with fewer than ``MIN_GROUP_IMAGES``
-  images uses the offsets of all the images.
+  and its own asymmetry (at both ends, where the linear correction stretches noise
+  along with the pull it removes, the interval leans back toward the middle ages); a
+  group with fewer than ``MIN_GROUP_IMAGES`` images uses the offsets of all the
+  images.
 
     >>> cal = fit_calibration(cal_truth, cal_predicted, cal_std, level=0.9)
     >>> corrected, lower, upper = apply_calibration(cal, test_predicted, test_std)

@@ -102,22 +102,30 @@ def fit_calibration(truth: np.ndarray, predicted: np.ndarray,
         kind = "scaled"
     cal = {"slope": float(slope), "intercept": float(intercept),
            "pull": {"slope": float(b), "intercept": float(a)}, "level": level,
-           "interval": kind, "half_width": _quantile(residual, level),
-           "fitted_on": fitted_on, "n": n}
-    if std is None and age_groups:
-        signed = truth - corrected
-        pooled = _signed_offsets(signed, level)
-        which = _group_index([high for _, high in age_groups], corrected)
-        groups = []
-        for i, (low, high) in enumerate(age_groups):
-            members = signed[which == i]
-            enough = len(members) >= MIN_GROUP_IMAGES
-            lower, upper = _signed_offsets(members, level) if enough else pooled
-            groups.append({"ages": f"{low}-{high}", "upto": high, "n": int(len(members)),
-                           "lower": lower, "upper": upper, "pooled": not enough})
-        cal.update(interval="by_age", groups=groups)
-        del cal["half_width"]        # the groups' offsets are the interval
+           "interval": kind, "fitted_on": fitted_on, "n": n}
+    if std is None and age_groups:      # the groups' offsets are the interval
+        cal.update(interval="by_age",
+                   groups=_group_offsets(truth - corrected, corrected, age_groups, level))
+    else:
+        cal["half_width"] = _quantile(residual, level)
     return cal
+
+
+def _group_offsets(signed: np.ndarray, corrected: np.ndarray,
+                   age_groups: Sequence[tuple[int, int]], level: float
+                   ) -> list[dict[str, Any]]:
+    """Each age group's offsets, from the residuals of the images whose corrected age
+    falls in it (too few: those of all the images)."""
+    pooled = _signed_offsets(signed, level)
+    which = _group_index([high for _, high in age_groups], corrected)
+    groups = []
+    for i, (low, high) in enumerate(age_groups):
+        members = signed[which == i]
+        enough = len(members) >= MIN_GROUP_IMAGES
+        lower, upper = _signed_offsets(members, level) if enough else pooled
+        groups.append({"ages": f"{low}-{high}", "upto": high, "n": int(len(members)),
+                       "lower": lower, "upper": upper, "pooled": not enough})
+    return groups
 
 
 def describe_interval(cal: dict[str, Any]) -> str:

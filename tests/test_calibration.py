@@ -98,6 +98,11 @@ def test_a_group_too_small_for_its_own_interval_takes_all_images_offsets():
     assert young["n"] < 20 and young["pooled"]
     everyone = np.sort(truth[keep] - apply_calibration(cal, predicted[keep])[0])
     assert everyone[0] <= young["lower"] < young["upper"] <= everyone[-1]
+    # the offsets of all the images: one group spanning every age has them
+    (whole,) = fit_calibration(truth[keep], predicted[keep],
+                               age_groups=((0, 240),))["groups"]
+    assert (young["lower"], young["upper"]) == pytest.approx((whole["lower"],
+                                                              whole["upper"]))
     assert not cal["groups"][2]["pooled"]
     assert (young["lower"], young["upper"]) != (cal["groups"][2]["lower"],
                                                 cal["groups"][2]["upper"])

@@ -294,8 +294,7 @@ def test_squeeze_excite_gates_every_residual_branch(tmp_path):
 def test_zero_init_residual_starts_every_block_as_its_shortcut():
     """model.zero_init_residual: every block's last batch-norm scale starts at zero, so
     an untrained stage-1 block passes its input on unchanged (identity shortcut, ReLU
-    of a ReLU output) and the downsampling blocks their projected shortcut; without it
-    the residual branch changes the block's output."""
+    of a ReLU output); without it the residual branch changes the block's output."""
     cfg = ("model.backbone=resnet18", "model.width=0.25", "model.stem_pool=false")
     x = np.random.default_rng(5).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
     for zero in (True, False):

@@ -191,36 +191,31 @@ def test_two_devices_in_one_process(tmp_path, bulk_dir, backend):
 def test_torchrun_two_processes_a_killed_one_and_the_restart(tmp_path, bulk_dir):
     """torch under torchrun --max-restarts 1 (gloo), each process running the step check
     and then a CLI training in which process 1 would fail on any write
-    (files.forbid_writes). After epoch 1, SIGKILL to process 1: process 0 stops at once
-    naming it; torchrun starts both again and they resume the same run at epoch 2; both
-    report the same reduced metrics. Then one process resumes it (other replicas)."""
+    (files.forbid_writes). In epoch 2, SIGKILL to process 1 (it sends it itself at the
+    epoch's second step, so the kill lands mid-epoch on any machine): process 0 stops
+    at once naming it; torchrun starts both again and they resume the same run at epoch
+    2; both report the same reduced metrics. Then one process resumes it (other
+    replicas)."""
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     env = {**backend_env("torch"), "BONEAGE_CACHE_DIR": str(tmp_path / "cache")}
     torchrun = subprocess.Popen(
-        _torchrun(["--max-restarts", "1", STEP, str(bulk_dir), "--", "train", "--config",
-                   "cpu-bench", "--data-dir", str(bulk_dir), *TINY,
-                   "--set", "train.epochs=2", "--set", f"train.output_dir={runs}"], logs),
+        _torchrun(["--max-restarts", "1", STEP, str(bulk_dir), "--kill-process-1-in-epoch",
+                   "2", "--", "train", "--config", "cpu-bench", "--data-dir", str(bulk_dir),
+                   *TINY, "--set", "train.epochs=2", "--set", f"train.output_dir={runs}"],
+                  logs),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         process_group=0)
     try:
-        deadline = time.time() + 240
-        while not list(runs.glob("*/history.csv")) and time.time() < deadline:
-            time.sleep(0.5)
-        assert list(runs.glob("*/history.csv")), "epoch 1 never finished"
-        victims = []
-        for line in subprocess.run(["pgrep", "-P", str(torchrun.pid)],   # its workers
-                                   capture_output=True, text=True, check=False).stdout.split():
-            environ = Path(f"/proc/{line}/environ")
-            if environ.is_file() and b"\0RANK=1\0" in b"\0" + environ.read_bytes():
-                victims.append(int(line))
-        assert len(victims) == 1
-        os.kill(victims[0], signal.SIGKILL)
-        killed = time.time()
-        out, _ = torchrun.communicate(timeout=300)
-        stopped = time.time() - killed
+        out, _ = torchrun.communicate(timeout=400)
+        ended = time.time()
     finally:
         if torchrun.poll() is None:   # the launcher and its workers
             os.killpg(torchrun.pid, signal.SIGKILL)
+    (first,) = [d for d in logs.rglob("attempt_0")]
+    assert "Epoch 2/2" in _rank_output(first)   # killed in epoch 2, not before
+    (killed,) = [float(line.split("@@KILLED@@")[1]) for line in
+                 _rank_output(first).splitlines() if "@@KILLED@@" in line]
+    stopped = ended - killed   # process 0's stop and the whole restarted attempt
     errors = _rank_output(logs, "stderr.log")
     assert torchrun.returncode == 0, out[-2000:] + errors[-3000:]
     assert "process 0 of 2 lost process 1" in errors

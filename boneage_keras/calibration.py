@@ -123,7 +123,7 @@ def _group_offsets(signed: np.ndarray, corrected: np.ndarray,
         members = signed[which == i]
         enough = len(members) >= MIN_GROUP_IMAGES
         lower, upper = _signed_offsets(members, level) if enough else pooled
-        groups.append({"ages": f"{low}-{high}", "upto": high, "n": int(len(members)),
+        groups.append({"ages": f"{low}-{high}", "upto": high, "n": len(members),
                        "lower": lower, "upper": upper, "pooled": not enough})
     return groups
 

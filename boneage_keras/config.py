@@ -100,9 +100,10 @@ class ModelConfig:
     # the sex also scales and shifts every ResNet18 stage's channels (FiLM), besides
     # entering the head; needs use_sex
     sex_film: bool = False
-    # ResNet18's pooling of its last feature map: avg (global average) or attention
-    # (4 learned spatial weightings of it, 4x the features; the others: avg only)
-    pooling: Literal["avg", "attention"] = "avg"
+    # ResNet18's pooling of its last feature map: avg (global average), attention
+    # (4 learned spatial weightings of it, 4x the features) or gem (generalized mean,
+    # a learned power between the average and the maximum); the others: avg only
+    pooling: Literal["avg", "attention", "gem"] = "avg"
     # every ResNet18 block's residual branch gated per channel from its global average
     # (squeeze-and-excitation, Hu et al. 2018)
     squeeze_excite: bool = False

@@ -12,7 +12,9 @@
                           average 2x2 before striding), EfficientNetB0, InceptionV3
       -> global average pooling                         model.pooling: attention
                                                         (ResNet18): 4 learned spatial
-                                                        weightings, AttentionPool
+                                                        weightings, AttentionPool;
+                                                        gem: a learned power mean,
+                                                        GeMPool
       [-> concat with Dense(16, relu)(male)]            when model.use_sex
       -> Dense(256, relu) -> Dropout(0.3)               head_units=0: no hidden layer
                                                         (activation: model.head_activation)
@@ -333,6 +335,41 @@ class AttentionPool(layers.Layer):
         return {**super().get_config(), "heads": self.heads}
 
 
+@keras.saving.register_keras_serializable(package="boneage_keras")
+class GeMPool(layers.Layer):
+    """Generalized-mean pooling (Radenovic et al. 2019): each channel of a feature map
+    (B, H, W, C) becomes ``mean(x ** p) ** (1 / p)`` over its positions, with one
+    learned exponent ``p`` (from ``p``, 3 by default): at 1 the global average, growing
+    towards the maximum, so the network learns how much a few strongly responding
+    positions (one growth plate) count against the whole hand. Values are clipped
+    at ``eps`` (the map is a ReLU's output) and pooled in float32, each channel
+    scaled by its maximum first (no overflow at a large ``p``)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_p, self.eps = float(p), float(eps)
+
+    def build(self, input_shape):
+        self.p = self.add_weight(shape=(1,), name="p",
+                                 initializer=keras.initializers.Constant(self.initial_p))
+
+    def call(self, x):
+        p = ops.cast(self.p, "float32")
+        x32 = ops.maximum(ops.cast(x, "float32"), self.eps)
+        # each channel over its maximum first: mean((x / m) ** p) ** (1 / p) * m is the
+        # same number, and x ** p cannot overflow at a large p
+        top = ops.max(x32, axis=(1, 2), keepdims=True)
+        powered = ops.power(x32 / top, p)
+        pooled = ops.power(ops.mean(powered, axis=(1, 2)), 1.0 / p) * ops.squeeze(top, (1, 2))
+        return ops.cast(pooled, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.initial_p, "eps": self.eps}
+
+
 def with_fused_layers(model: keras.Model) -> keras.Model:
     """``model`` (a functional model, nested ones included) with every Keras
     ``BatchNormalization`` replaced by :class:`BatchNorm`, every ``Conv2D`` by
@@ -389,7 +426,8 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
     makes the patient's sex an input of every stage: the backbone takes
     ``[image, male]`` and each stage's output passes a :class:`SexFiLM`.
     ``pooling="attention"`` replaces the global average pooling by
-    :class:`AttentionPool` (4 heads: 4x the features). ``squeeze_excite=True``
+    :class:`AttentionPool` (4 heads: 4x the features), ``pooling="gem"`` by
+    :class:`GeMPool` (a learned power mean). ``squeeze_excite=True``
     rescales every block's residual branch per channel by a gate computed from its
     global average (squeeze-and-excitation, Hu et al. 2018; a quarter of the channels
     in the bottleneck, at least 4). ``zero_init_residual=True`` starts every block's
@@ -427,6 +465,8 @@ def resnet18(input_shape: tuple[int, int, int], width: float = 1.0,
             x = SexFiLM(name=f"stage{stage}_film")([x, male])
     if pooling == "attention":
         x = AttentionPool(4, name="attention_pool")(x)
+    elif pooling == "gem":
+        x = GeMPool(name="gem_pool")(x)
     else:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(inputs if male is None else [inputs, male], x, name="resnet18")
@@ -443,7 +483,7 @@ def build_backbone(name: str, image_size: int, weights: str | None,
     drops its stem's max-pool, ``stem_stride`` (ResNet18 only) is its stem
     convolution's stride, ``sex_film`` (ResNet18 only) makes it take ``[image, male]``
     and modulate every stage by sex, ``pooling`` (ResNet18 only; the others average)
-    is ``avg`` or ``attention``, ``squeeze_excite`` (ResNet18 only) gates every
+    is ``avg``, ``attention`` or ``gem``, ``squeeze_excite`` (ResNet18 only) gates every
     block's channels, ``zero_init_residual`` (ResNet18 only) starts every block as its
     shortcut, ``avg_down`` (ResNet18 only) averages before each downsampling shortcut."""
     if name not in BACKBONE_SPECS:

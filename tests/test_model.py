@@ -391,6 +391,63 @@ def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir)
                                atol=0.05)
 
 
+def test_gem_pool_runs_from_the_average_to_the_maximum():
+    """GeMPool at exponent 1 is the global average; at a large exponent each channel
+    tends to its maximum; at 3 it lies between, above the average where the map is
+    uneven; a map of zeros pools to (almost) zero, not NaN."""
+    from boneage_keras.model import GeMPool
+
+    x = np.random.default_rng(5).uniform(0, 2, size=(2, 4, 6, 3)).astype("float32")
+    x[0, 1, 2, 0] = 40.0                      # one strongly responding position
+    pool = GeMPool(p=1.0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(pool(x)), x.mean(axis=(1, 2)),
+                               rtol=1e-5)
+    pool.p.assign(np.array([80.0], "float32"))
+    high = keras.ops.convert_to_numpy(pool(x))
+    np.testing.assert_allclose(high, x.max(axis=(1, 2)), rtol=0.05)
+    three = keras.ops.convert_to_numpy(GeMPool()(x))
+    assert (three > x.mean(axis=(1, 2))).all() and (three < x.max(axis=(1, 2))).all()
+    assert three[0, 0] > 3 * x[0, ..., 0].mean()   # the spike counts far more than in a mean
+    zeros = keras.ops.convert_to_numpy(GeMPool()(np.zeros((1, 3, 3, 2), "float32")))
+    assert np.isfinite(zeros).all() and zeros.max() < 1e-5
+
+
+def test_gem_pooling_learns_its_exponent_on_real_images(tmp_path, bulk_dir):
+    """model.pooling: gem pools ResNet18's last map by a power mean whose exponent
+    training moves off 3 on real radiographs; the model reloads as the same network
+    and Grad-CAM explains it."""
+    import pandas as pd
+    from PIL import Image
+
+    from boneage_keras.explain import grad_cam
+
+    table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:192]
+    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
+        (64, 64)), np.float32) for i in table["id"]])[..., None]
+    ages = table["boneage"].to_numpy(np.float32)
+    keras.utils.set_random_seed(1)
+    model = build_model(_cfg("model.backbone=resnet18", "model.width=0.25",
+                             "model.stem_pool=false", "model.pooling=gem"),
+                        ages.mean(), ages.std())
+    backbone = model.get_layer("resnet18")
+    assert backbone.output.shape[-1] == 128
+    pool = backbone.get_layer("gem_pool")
+    model.compile(keras.optimizers.Adam(3e-3), loss="mae")
+    model.fit(images, ages, batch_size=32, epochs=3, verbose=0)
+    assert abs(float(keras.ops.convert_to_numpy(pool.p)[0]) - 3.0) > 1e-3
+    model.save(tmp_path / "gem.keras")
+    again = load_model(str(tmp_path / "gem.keras"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(
+        again.get_layer("resnet18").get_layer("gem_pool").p),
+        keras.ops.convert_to_numpy(pool.p))
+    np.testing.assert_allclose(again.predict(images[:4], verbose=0),
+                               model.predict(images[:4], verbose=0), atol=1e-4)
+    heat, months = grad_cam(again, images[:4])
+    assert heat.shape == (4, 64, 64) and (heat.std(axis=(1, 2)) > 1e-3).all()
+    np.testing.assert_allclose(months, again.predict(images[:4], verbose=0).ravel(),
+                               atol=0.05)
+
+
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
     """After ``import boneage_keras``, plain ``keras.saving.load_model`` reads our files."""
     from conftest import run_python

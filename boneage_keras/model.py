@@ -358,9 +358,9 @@ class GeMPool(layers.Layer):
         x32 = ops.maximum(ops.cast(x, "float32"), self.eps)
         # each channel over its maximum first: mean((x / m) ** p) ** (1 / p) * m is the
         # same number, and x ** p cannot overflow at a large p
-        top = ops.max(x32, axis=(1, 2), keepdims=True)
-        powered = ops.power(x32 / top, p)
-        pooled = ops.power(ops.mean(powered, axis=(1, 2)), 1.0 / p) * ops.squeeze(top, (1, 2))
+        powered = ops.power(x32 / ops.max(x32, axis=(1, 2), keepdims=True), p)
+        pooled = ops.power(ops.mean(powered, axis=(1, 2)), 1.0 / p) * \
+            ops.max(x32, axis=(1, 2))   # (not a squeeze of the above: ONNX wants one axis)
         return ops.cast(pooled, x.dtype)
 
     def compute_output_shape(self, input_shape):

@@ -414,12 +414,14 @@ def test_gem_pool_runs_from_the_average_to_the_maximum():
 
 def test_gem_pooling_learns_its_exponent_on_real_images(tmp_path, bulk_dir):
     """model.pooling: gem pools ResNet18's last map by a power mean whose exponent
-    training moves off 3 on real radiographs; the model reloads as the same network
-    and Grad-CAM explains it."""
+    training moves off 3 on real radiographs; the model reloads as the same network,
+    exports to ONNX with the same months, and Grad-CAM explains it."""
+    import onnxruntime
     import pandas as pd
     from PIL import Image
 
     from boneage_keras.explain import grad_cam
+    from boneage_keras.export import keras_onnx
 
     table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:192]
     images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
@@ -442,6 +444,11 @@ def test_gem_pooling_learns_its_exponent_on_real_images(tmp_path, bulk_dir):
         keras.ops.convert_to_numpy(pool.p))
     np.testing.assert_allclose(again.predict(images[:4], verbose=0),
                                model.predict(images[:4], verbose=0), atol=1e-4)
+    keras_onnx(tmp_path / "gem.keras", tmp_path / "gem.onnx")
+    runtime = onnxruntime.InferenceSession(str(tmp_path / "gem.onnx"))
+    (name,) = [i.name for i in runtime.get_inputs()]
+    np.testing.assert_allclose(runtime.run(None, {name: images[:4]})[0],
+                               model.predict(images[:4], verbose=0), atol=1e-2)
     heat, months = grad_cam(again, images[:4])
     assert heat.shape == (4, 64, 64) and (heat.std(axis=(1, 2)) > 1e-3).all()
     np.testing.assert_allclose(months, again.predict(images[:4], verbose=0).ravel(),

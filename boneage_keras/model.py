@@ -343,7 +343,9 @@ class GeMPool(layers.Layer):
     towards the maximum, so the network learns how much a few strongly responding
     positions (one growth plate) count against the whole hand. Values are clipped
     at ``eps`` (the map is a ReLU's output) and pooled in float32, each channel
-    scaled by its maximum first (no overflow at a large ``p``)."""
+    scaled by its maximum first (no overflow at a large ``p``). The exponent is used
+    at 1 or more: below, the pool would lean towards the minimum, and near 0 it has
+    no value."""
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
@@ -354,7 +356,7 @@ class GeMPool(layers.Layer):
                                  initializer=keras.initializers.Constant(self.initial_p))
 
     def call(self, x):
-        p = ops.cast(self.p, "float32")
+        p = ops.maximum(ops.cast(self.p, "float32"), 1.0)
         x32 = ops.maximum(ops.cast(x, "float32"), self.eps)
         # each channel over its maximum first: mean((x / m) ** p) ** (1 / p) * m is the
         # same number, and x ** p cannot overflow at a large p

@@ -13,9 +13,10 @@ With ``--bn`` the net has a batch normalization layer (synchronized: JAX by
 construction, TensorFlow with distribute.sync_batchnorm). After ``--``, each group of
 arguments is a ``cli.py`` command run in the same processes (the distribution already
 set up). With ``--kill-process-1-in-epoch N``, process 1 of a job's first attempt
-(torchrun's restart count 0) sends itself SIGKILL as the second step of training epoch N
-(1-based) begins, printing ``@@KILLED@@<time>`` first: the other process is then between two collectives with it, whatever
-the machine's load (a kill from outside can land after that epoch has finished).
+(torchrun's restart count 0) sends itself SIGKILL as the second step of training
+epoch N (1-based) begins, printing ``@@KILLED@@<time>`` first: the other process is
+then between two collectives with it, whatever the machine's load (a kill from
+outside can land after that epoch has finished).
 """
 
 from __future__ import annotations

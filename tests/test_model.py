@@ -394,7 +394,8 @@ def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir)
 def test_gem_pool_runs_from_the_average_to_the_maximum():
     """GeMPool at exponent 1 is the global average; at a large exponent each channel
     tends to its maximum; at 3 it lies between, above the average where the map is
-    uneven; a map of zeros pools to (almost) zero, not NaN."""
+    uneven; a map of zeros pools to (almost) zero, not NaN; an exponent below 1 is
+    used as 1."""
     from boneage_keras.model import GeMPool
 
     x = np.random.default_rng(5).uniform(0, 2, size=(2, 4, 6, 3)).astype("float32")
@@ -410,6 +411,9 @@ def test_gem_pool_runs_from_the_average_to_the_maximum():
     assert three[0, 0] > 3 * x[0, ..., 0].mean()   # the spike counts far more than in a mean
     zeros = keras.ops.convert_to_numpy(GeMPool()(np.zeros((1, 3, 3, 2), "float32")))
     assert np.isfinite(zeros).all() and zeros.max() < 1e-5
+    pool.p.assign(np.array([0.0], "float32"))   # an exponent trained below 1 acts as 1
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(pool(x)), x.mean(axis=(1, 2)),
+                               rtol=1e-5)
 
 
 def test_gem_pooling_learns_its_exponent_on_real_images(tmp_path, bulk_dir):

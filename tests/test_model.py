@@ -18,6 +18,35 @@ def _cfg(*extra):
                        ["data.image_size=64", "model.weights=none", *extra])
 
 
+def _real_images(bulk_dir, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` real radiographs at 64 px, (n, 64, 64, 1) float32, and their
+    ages in months."""
+    import pandas as pd
+    from PIL import Image
+
+    table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:n]
+    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
+        (64, 64)), np.float32) for i in table["id"]])[..., None]
+    return images, table["boneage"].to_numpy(np.float32)
+
+
+def _reloads_and_explains(model, images, path):
+    """``model`` saved to ``path`` reloads predicting the same months on four images,
+    and Grad-CAM explains the reloaded one (a map that varies, the same months);
+    returns the reloaded model."""
+    from boneage_keras.explain import grad_cam
+
+    model.save(path)
+    again = load_model(str(path))
+    np.testing.assert_allclose(again.predict(images[:4], verbose=0),
+                               model.predict(images[:4], verbose=0), atol=1e-4)
+    heat, months = grad_cam(again, images[:4])
+    assert heat.shape == (4, 64, 64) and (heat.std(axis=(1, 2)) > 1e-3).all()
+    np.testing.assert_allclose(months, again.predict(images[:4], verbose=0).ravel(),
+                               atol=0.05)
+    return again
+
+
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet18"])
 def test_shapes_and_initial_prediction_is_training_mean(backbone):
     model = build_model(_cfg(f"model.backbone={backbone}"), label_mean=100.0, label_std=40.0)
@@ -43,12 +72,7 @@ def test_refresh_batchnorm_matches_inference_to_the_weights(bulk_dir):
     gives what it gives in training mode on that batch (the moving statistics are the
     batch's); before it, a fresh model's moving statistics (0 and 1) are far off. Only
     the moving statistics change."""
-    import pandas as pd
-    from PIL import Image
-
-    ids = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})["id"][:16]
-    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
-        (64, 64)), np.float32) for i in ids])[..., None]
+    images, _ = _real_images(bulk_dir, 16)
     model = build_model(_cfg("model.backbone=resnet18"))
     backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
     x = model.get_layer("preprocess")(images, training=False)
@@ -351,15 +375,7 @@ def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir)
     features); five epochs on real radiographs move each head off the uniform
     weighting, and the squeeze-and-excitation gates then differ from radiograph to
     radiograph; the model reloads as the same network and Grad-CAM explains it."""
-    import pandas as pd
-    from PIL import Image
-
-    from boneage_keras.explain import grad_cam
-
-    table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:192]
-    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
-        (64, 64)), np.float32) for i in table["id"]])[..., None]
-    ages = table["boneage"].to_numpy(np.float32)
+    images, ages = _real_images(bulk_dir, 192)
     cfg = ("model.backbone=resnet18", "model.width=0.25", "model.stem_pool=false")
     keras.utils.set_random_seed(1)   # the initial weights too: the same run every time
     model = build_model(_cfg(*cfg, "model.pooling=attention", "model.squeeze_excite=true"),
@@ -381,14 +397,7 @@ def test_attention_and_squeeze_excite_learn_from_real_images(tmp_path, bulk_dir)
     gate = keras.Model(backbone.inputs, backbone.get_layer("stage3_block1_se_expand").output)
     gates = keras.ops.convert_to_numpy(gate(model.get_layer("preprocess")(images[:8])))
     assert gates.reshape(8, -1).std(axis=0).max() > 0.01
-    model.save(tmp_path / "attention.keras")
-    again = load_model(str(tmp_path / "attention.keras"))
-    np.testing.assert_allclose(again.predict(images[:4], verbose=0),
-                               model.predict(images[:4], verbose=0), atol=1e-4)
-    heat, months = grad_cam(again, images[:4])
-    assert heat.shape == (4, 64, 64) and (heat.std(axis=(1, 2)) > 1e-3).all()
-    np.testing.assert_allclose(months, again.predict(images[:4], verbose=0).ravel(),
-                               atol=0.05)
+    _reloads_and_explains(model, images, tmp_path / "attention.keras")
 
 
 def test_gem_pool_runs_from_the_average_to_the_maximum():
@@ -421,16 +430,10 @@ def test_gem_pooling_learns_its_exponent_on_real_images(tmp_path, bulk_dir):
     training moves off 3 on real radiographs; the model reloads as the same network,
     exports to ONNX with the same months, and Grad-CAM explains it."""
     import onnxruntime
-    import pandas as pd
-    from PIL import Image
 
-    from boneage_keras.explain import grad_cam
     from boneage_keras.export import keras_onnx
 
-    table = pd.read_csv(bulk_dir / "labels.csv", dtype={"id": str})[:192]
-    images = np.stack([np.asarray(Image.open(bulk_dir / "images" / f"{i}.png").resize(
-        (64, 64)), np.float32) for i in table["id"]])[..., None]
-    ages = table["boneage"].to_numpy(np.float32)
+    images, ages = _real_images(bulk_dir, 192)
     keras.utils.set_random_seed(1)
     model = build_model(_cfg("model.backbone=resnet18", "model.width=0.25",
                              "model.stem_pool=false", "model.pooling=gem"),
@@ -441,22 +444,15 @@ def test_gem_pooling_learns_its_exponent_on_real_images(tmp_path, bulk_dir):
     model.compile(keras.optimizers.Adam(3e-3), loss="mae")
     model.fit(images, ages, batch_size=32, epochs=3, verbose=0)
     assert abs(float(keras.ops.convert_to_numpy(pool.p)[0]) - 3.0) > 1e-3
-    model.save(tmp_path / "gem.keras")
-    again = load_model(str(tmp_path / "gem.keras"))
+    again = _reloads_and_explains(model, images, tmp_path / "gem.keras")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(
         again.get_layer("resnet18").get_layer("gem_pool").p),
         keras.ops.convert_to_numpy(pool.p))
-    np.testing.assert_allclose(again.predict(images[:4], verbose=0),
-                               model.predict(images[:4], verbose=0), atol=1e-4)
     keras_onnx(tmp_path / "gem.keras", tmp_path / "gem.onnx")
     runtime = onnxruntime.InferenceSession(str(tmp_path / "gem.onnx"))
     (name,) = [i.name for i in runtime.get_inputs()]
     np.testing.assert_allclose(runtime.run(None, {name: images[:4]})[0],
                                model.predict(images[:4], verbose=0), atol=1e-2)
-    heat, months = grad_cam(again, images[:4])
-    assert heat.shape == (4, 64, 64) and (heat.std(axis=(1, 2)) > 1e-3).all()
-    np.testing.assert_allclose(months, again.predict(images[:4], verbose=0).ravel(),
-                               atol=0.05)
 
 
 def test_importing_the_package_registers_its_custom_objects(tmp_path):
